@@ -1,0 +1,163 @@
+"""Registry of ``sparse_moe_conv2d`` backends and the ``backend="auto"`` choice.
+
+A backend is a pair of functions with the reference's signatures
+(``forward(x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation) -> y`` and
+``backward(grad_out, x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation, needs)``),
+the devices it serves, and a probe that says whether it is present and, if not, how to get it.
+The arguments reaching a backend are already validated.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of the op.
+
+    Attributes:
+        name: the string users pass as ``backend=``.
+        devices: device types it runs on ("cpu", "cuda").
+        load: returns ``(forward, backward)``; raises ``BackendUnavailable`` with a how-to if absent.
+    """
+
+    name: str
+    devices: tuple[str, ...]
+    load: Callable[[], tuple[Callable, Callable]]
+
+
+class BackendUnavailable(RuntimeError):
+    """A requested backend is not built or not usable here; the message says how to get it."""
+
+
+def _load_reference():
+    from moe_kernels.reference import sparse_moe_conv2d_backward_ref, sparse_moe_conv2d_ref
+
+    return sparse_moe_conv2d_ref, sparse_moe_conv2d_backward_ref
+
+
+def _load_cpu():
+    from moe_kernels import cpu_ext
+
+    return cpu_ext.load()
+
+
+def _load_cuda():
+    from moe_kernels import cuda_ext
+
+    return cuda_ext.load()
+
+
+def _load_triton():
+    from moe_kernels import triton_conv
+
+    return triton_conv.load()
+
+
+_BACKENDS: dict[str, Backend] = {
+    "reference": Backend("reference", ("cpu", "cuda"), _load_reference),
+    "cpu": Backend("cpu", ("cpu",), _load_cpu),
+    "triton": Backend("triton", ("cuda", "cpu"), _load_triton),
+    "cuda": Backend("cuda", ("cuda",), _load_cuda),
+}
+
+# Order of preference of backend="auto" per device type, fastest first, as measured by
+# benchmarks/bench_op.py (see the README's backend table). The first present one wins.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "cpu": ("cpu", "reference"),
+    "cuda": ("cuda", "triton", "reference"),
+}
+
+_loaded: dict[str, tuple[Callable, Callable]] = {}
+_failures: dict[str, str] = {}
+_warned_fallback: set[str] = set()
+
+
+def triton_interpreter_enabled() -> bool:
+    """True when ``TRITON_INTERPRET=1``: Triton kernels then also run on CPU tensors (tests only)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def get_backend(name: str) -> tuple[Callable, Callable]:
+    """Returns ``(forward, backward)`` of a backend by name, loading it on first use.
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones).
+        BackendUnavailable: the backend is not built or usable here (the message says how to fix it).
+    """
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(_BACKENDS)} and 'auto'")
+    if name in _loaded:
+        return _loaded[name]
+    if name in _failures:
+        raise BackendUnavailable(_failures[name])
+    try:
+        fns = _BACKENDS[name].load()
+    except BackendUnavailable as err:
+        _failures[name] = str(err)
+        raise
+    _loaded[name] = fns
+    return fns
+
+
+def is_available(name: str) -> bool:
+    """Whether backend ``name`` is present (built, importable, with a device it can run on)."""
+    try:
+        get_backend(name)
+    except BackendUnavailable:
+        return False
+    return True
+
+
+def available_backends() -> list[str]:
+    """Names of the backends present on this machine, e.g. ``["reference", "cpu"]``."""
+    return [name for name in _BACKENDS if is_available(name)]
+
+
+def unavailable_reason(name: str) -> str | None:
+    """Why backend ``name`` is absent and how to get it, or None if it is present."""
+    try:
+        get_backend(name)
+    except BackendUnavailable as err:
+        return str(err)
+    return None
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """Turns ``name`` (a backend or "auto") into a concrete backend that can run on ``device``.
+
+    "auto" takes the first present backend of ``AUTO_ORDER[device.type]``; when it falls back to
+    the reference because a compiled backend is missing, it warns once with the how-to.
+
+    Raises:
+        ValueError: unknown backend, or a backend that does not run on this device.
+        BackendUnavailable: an explicitly named backend is not present.
+    """
+    if name == "auto":
+        order = AUTO_ORDER.get(device.type, ("reference",))
+        for candidate in order:
+            if is_available(candidate):
+                if candidate == "reference" and order[0] != "reference" and device.type not in _warned_fallback:
+                    _warned_fallback.add(device.type)
+                    warnings.warn(
+                        f"sparse_moe_conv2d: no compiled backend for {device.type}, using the slow reference. "
+                        + (unavailable_reason(order[0]) or ""),
+                        stacklevel=3,
+                    )
+                return candidate
+        return "reference"
+    get_backend(name)
+    devices = _BACKENDS[name].devices
+    if device.type not in devices:
+        raise ValueError(f"backend {name!r} runs on {'/'.join(devices)} tensors, got tensors on {device}")
+    if name == "triton" and device.type == "cpu" and not triton_interpreter_enabled():
+        raise ValueError(
+            "backend 'triton' needs CUDA tensors; on CPU it runs only under TRITON_INTERPRET=1 (for tests)"
+        )
+    return name

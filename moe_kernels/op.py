@@ -1,0 +1,170 @@
+"""The registered op ``moe_kernels::sparse_moe_conv2d``: schema, fake kernel, backward op, autograd,
+and the public function ``sparse_moe_conv2d``.
+
+The ladder: backend kernels (reference / C++ / Triton / CUDA) -> the custom op, which picks the
+backend by name -> its fake (shape-only) kernel for torch.compile / torch.export -> an explicit backward
+op (also a custom op, so the backward traces too) -> ``sparse_moe_conv2d()``, which validates the
+arguments and resolves ``backend="auto"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from moe_kernels._validate import check_expert_idx_values, check_sparse_moe_conv2d_args, pair
+from moe_kernels.backends import get_backend, resolve_backend
+
+_ACTIVATIONS = ("none", "relu")
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The output follows the input: channels_last in, channels_last out; else contiguous."""
+    if x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last):
+        if not x.is_contiguous():
+            return torch.channels_last
+    return torch.contiguous_format
+
+
+# x: (B, C_in, H, W); weight: (E*w, C_in, kh, kw); expert_idx: (B, k); gate: (B, k); bias: (E*w,)
+# -> (B, k*w, H_out, W_out)
+@torch.library.custom_op("moe_kernels::sparse_moe_conv2d", mutates_args=())
+def _sparse_moe_conv2d_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    expert_idx: torch.Tensor,
+    gate: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    num_experts: int,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    activation: str,
+    backend: str,
+) -> torch.Tensor:
+    check_expert_idx_values(expert_idx, num_experts)
+    forward, _ = get_backend(backend)
+    y = forward(x, weight, expert_idx, num_experts, gate, bias, tuple(stride), tuple(padding), tuple(dilation))
+    if activation == "relu":
+        y = torch.relu_(y) if not y.requires_grad else torch.relu(y)
+    return y.contiguous(memory_format=_memory_format(x))
+
+
+@_sparse_moe_conv2d_op.register_fake
+def _(x, weight, expert_idx, gate, bias, num_experts, stride, padding, dilation, activation, backend):
+    batch, top_k = expert_idx.shape
+    width = weight.shape[0] // num_experts
+    h_out = (x.shape[2] + 2 * padding[0] - dilation[0] * (weight.shape[2] - 1) - 1) // stride[0] + 1
+    w_out = (x.shape[3] + 2 * padding[1] - dilation[1] * (weight.shape[3] - 1) - 1) // stride[1] + 1
+    return x.new_empty((batch, top_k * width, h_out, w_out)).contiguous(memory_format=_memory_format(x))
+
+
+# Gradients of (x, weight, bias, gate); an entry not asked for in `needs` comes back as an empty tensor.
+@torch.library.custom_op("moe_kernels::sparse_moe_conv2d_backward", mutates_args=())
+def _sparse_moe_conv2d_backward_op(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    expert_idx: torch.Tensor,
+    gate: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    num_experts: int,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    backend: str,
+    needs: Sequence[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _, backward = get_backend(backend)
+    grads = backward(
+        grad_out, x, weight, expert_idx, num_experts, gate, bias,
+        tuple(stride), tuple(padding), tuple(dilation), tuple(bool(n) for n in needs),
+    )  # fmt: skip
+    like = (x, weight, bias, gate)
+    return tuple(
+        x.new_empty(0) if g is None else g.contiguous().to(ref.dtype) for g, ref in zip(grads, like, strict=True)
+    )
+
+
+@_sparse_moe_conv2d_backward_op.register_fake
+def _(grad_out, x, weight, expert_idx, gate, bias, num_experts, stride, padding, dilation, backend, needs):
+    like = (x, weight, bias, gate)
+    return tuple(
+        t.new_empty(t.shape) if (n and t is not None) else x.new_empty(0) for n, t in zip(needs, like, strict=True)
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, expert_idx, gate, bias, num_experts, stride, padding, dilation, activation, backend = inputs
+    ctx.save_for_backward(x, weight, expert_idx, gate, bias, output if activation == "relu" else None)
+    ctx.args = (num_experts, stride, padding, dilation, backend)
+
+
+def _backward(ctx, grad_out):
+    x, weight, expert_idx, gate, bias, relu_out = ctx.saved_tensors
+    num_experts, stride, padding, dilation, backend = ctx.args
+    if relu_out is not None:
+        grad_out = grad_out * (relu_out > 0)
+    nx, nw, _, ng, nb, *_ = ctx.needs_input_grad
+    needs = [nx, nw, nb and bias is not None, ng and gate is not None]
+    gx, gw, gb, gg = _sparse_moe_conv2d_backward_op(
+        grad_out, x, weight, expert_idx, gate, bias, num_experts, stride, padding, dilation, backend, needs
+    )
+    pick = [g if n else None for g, n in zip((gx, gw, gb, gg), needs, strict=True)]
+    return pick[0], pick[1], None, pick[3], pick[2], None, None, None, None, None, None
+
+
+torch.library.register_autograd("moe_kernels::sparse_moe_conv2d", _backward, setup_context=_setup_context)
+
+
+def sparse_moe_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    expert_idx: torch.Tensor,
+    num_experts: int,
+    gate: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    backend: str = "auto",
+    activation: str = "none",
+) -> torch.Tensor:
+    """Sparse channel-gated MoE convolution: computes only the output channels of the selected experts.
+
+    ``y[b, j*w:(j+1)*w] = gate[b, j] * (conv2d(x[b], weight[e*w:(e+1)*w]) + bias[e*w:(e+1)*w])`` with
+    ``e = expert_idx[b, j]``; then ``activation`` (a fused ReLU for inference) if asked. Differentiable
+    in x, weight, bias and gate.
+
+    Args:
+        x: (B, C_in, H, W) input, fp16/bf16/fp32 (fp64 on the reference and CPU backends).
+        weight: (E * w, C_in, kh, kw); rows ``[e*w, (e+1)*w)`` belong to expert e (the layout of an
+            ``nn.Conv2d`` with E*w output channels).
+        expert_idx: (B, k) int64 expert indices in ``[0, E)``.
+        num_experts: E; ``weight.shape[0]`` must divide by it.
+        gate: (B, k) gates, or None for all ones (no gate gradient then).
+        bias: (E * w,) or None.
+        stride, padding, dilation: int or pair, as in ``torch.nn.functional.conv2d``.
+        backend: "auto", "reference", "cpu", "triton" or "cuda" (see ``available_backends()``).
+        activation: "none" or "relu" (applied after the gate).
+
+    Returns:
+        (B, k * w, H_out, W_out), channels_last if x is channels_last.
+
+    Raises:
+        TypeError, ValueError: bad arguments (the message names the argument).
+        moe_kernels.BackendUnavailable: the named backend is not built here (the message says how).
+    """
+    stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
+    check_sparse_moe_conv2d_args(x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation)
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    if gate is not None and gate.dtype != x.dtype:
+        gate = gate.to(x.dtype)
+    name = resolve_backend(backend, x.device)
+    return _sparse_moe_conv2d_op(
+        x, weight, expert_idx, gate, bias, num_experts, list(stride), list(padding), list(dilation), activation, name
+    )

@@ -1,0 +1,89 @@
+"""Build of advmoe's compiled backends.
+
+Always builds the C++ CPU extension ``moe_kernels._C``. Builds the CUDA extension
+``moe_kernels._C_cuda`` only where torch has CUDA and nvcc exists, controlled by ``ADVMOE_CUDA``:
+
+    ADVMOE_CUDA=auto  (default) build it when a CUDA torch and nvcc are present
+    ADVMOE_CUDA=1     build it, and fail with a clear message if that is impossible
+    ADVMOE_CUDA=0     never build it
+
+``TORCH_CUDA_ARCH_LIST`` (e.g. "8.0;9.0") selects the GPU architectures, as in every torch extension.
+Install torch first (``pip install torch==2.13.0``), then ``pip install --no-build-isolation -e .``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:
+    sys.exit(
+        "advmoe: torch is not installed. Install it first (here: `pip install torch==2.13.0`), then "
+        "`pip install --no-build-isolation -e .` so the build uses that torch instead of pulling another."
+    )
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_mode() -> str:
+    mode = os.environ.get("ADVMOE_CUDA", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        sys.exit(f"advmoe: ADVMOE_CUDA must be auto, 0 or 1, got {mode!r}")
+    return mode
+
+
+def _want_cuda() -> tuple[bool, str]:
+    mode = _cuda_mode()
+    if mode == "0":
+        return False, "skipped (ADVMOE_CUDA=0)"
+    problems = []
+    if torch.version.cuda is None:
+        problems.append(f"torch {torch.__version__} is a CPU-only build")
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else shutil.which("nvcc")
+    if not nvcc or not os.path.exists(nvcc):
+        problems.append("nvcc was not found (set CUDA_HOME)")
+    if problems:
+        if mode == "1":
+            sys.exit(
+                "advmoe: ADVMOE_CUDA=1 but the CUDA extension cannot be built: "
+                + "; ".join(problems)
+                + ". Install a CUDA build of torch and the CUDA toolkit, or unset ADVMOE_CUDA."
+            )
+        return False, "not built: " + "; ".join(problems)
+    return True, f"building for TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(torch default)')}"
+
+
+def _extensions():
+    cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
+    cpu_sources = ["csrc/sparse_moe_conv2d.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    exts = [
+        CppExtension(
+            "moe_kernels._C",
+            cpu_sources,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+    want_cuda, reason = _want_cuda()
+    print(f"advmoe build: C++ CPU extension moe_kernels._C: building ({len(cpu_sources)} sources)")
+    print(f"advmoe build: CUDA extension moe_kernels._C_cuda: {reason}")
+    if want_cuda:
+        cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+        exts.append(
+            CUDAExtension(
+                "moe_kernels._C_cuda",
+                cuda_sources,
+                extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+            )
+        )
+    return exts
+
+
+setup(ext_modules=_extensions(), cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
