@@ -75,7 +75,12 @@ def _extensions():
     print(f"advmoe build: C++ CPU extension moe_kernels._C: building ({len(cpu_sources)} sources)")
     print(f"advmoe build: CUDA extension moe_kernels._C_cuda: {reason}")
     if want_cuda:
-        cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+        # standalone_*.cu are torch-free test programs with their own main() (compute-sanitizer runs them).
+        cuda_sources = [
+            path
+            for path in sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+            if not os.path.basename(path).startswith("standalone")
+        ]
         exts.append(
             CUDAExtension(
                 "moe_kernels._C_cuda",

@@ -83,9 +83,7 @@ def check_sparse_moe_conv2d_args(
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
     rows = weight.shape[0]
     if rows == 0 or rows % num_experts != 0:
-        raise ValueError(
-            f"weight has {rows} output rows, which does not divide into num_experts={num_experts} experts"
-        )
+        raise ValueError(f"weight has {rows} output rows, which does not divide into num_experts={num_experts} experts")
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"weight expects C_in={weight.shape[1]} input channels but x has {x.shape[1]}")
     if expert_idx.dim() != 2:

@@ -21,10 +21,8 @@ _ACTIVATIONS = ("none", "relu")
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
     """The output follows the input: channels_last in, channels_last out; else contiguous."""
-    if x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last):
-        if not x.is_contiguous():
-            return torch.channels_last
-    return torch.contiguous_format
+    channels_last = x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last and not x.is_contiguous() else torch.contiguous_format
 
 
 # x: (B, C_in, H, W); weight: (E*w, C_in, kh, kw); expert_idx: (B, k); gate: (B, k); bias: (E*w,)
@@ -43,7 +41,8 @@ def _sparse_moe_conv2d_op(
     activation: str,
     backend: str,
 ) -> torch.Tensor:
-    check_expert_idx_values(expert_idx, num_experts)
+    if backend != "cuda":  # the CUDA binding checks the indices on the device, in the same pass as the sort
+        check_expert_idx_values(expert_idx, num_experts)
     forward, _ = get_backend(backend)
     y = forward(x, weight, expert_idx, num_experts, gate, bias, tuple(stride), tuple(padding), tuple(dilation))
     if activation == "relu":

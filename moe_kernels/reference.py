@@ -125,4 +125,3 @@ def sparse_moe_conv2d_backward_ref(
                     gx_unscaled = gx_unscaled * gate[sample, slot].to(gx_unscaled.dtype)[:, None, None, None]
                 grad_x.index_add_(0, sample, gx_unscaled)
     return grad_x, grad_w, grad_b, grad_g
-
