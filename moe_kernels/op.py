@@ -41,13 +41,16 @@ def _sparse_moe_conv2d_op(
     activation: str,
     backend: str,
 ) -> torch.Tensor:
-    if backend != "cuda":  # the CUDA binding checks the indices on the device, in the same pass as the sort
-        check_expert_idx_values(expert_idx, num_experts)
+    # Checked here for every backend (the C++/CUDA kernels check again before launching anything), so a
+    # bad index from Python is a ValueError before any compiled code runs.
+    check_expert_idx_values(expert_idx, num_experts)
     forward, _ = get_backend(backend)
     y = forward(x, weight, expert_idx, num_experts, gate, bias, tuple(stride), tuple(padding), tuple(dilation))
     if activation == "relu":
         y = torch.relu_(y) if not y.requires_grad else torch.relu(y)
-    return y.contiguous(memory_format=_memory_format(x))
+    y = y.contiguous(memory_format=_memory_format(x))
+    # A fresh tensor, never a view: callers may apply in-place ops (nn.ReLU(inplace=True)) to the output.
+    return y.clone() if y._base is not None else y
 
 
 @_sparse_moe_conv2d_op.register_fake

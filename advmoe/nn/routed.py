@@ -1,0 +1,93 @@
+"""Plumbing that hands a model-level routing decision down to every MoE layer, explicitly.
+
+``RoutedModel`` is the base class of every zoo model: it holds the optional input normalisation and the
+optional model-level router, and ``route(x)`` turns the router's scores into a ``Routing`` that the
+model's forward passes down through ``RoutedSequential`` containers and ``takes_routing`` blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from advmoe.nn.routers import Router
+from advmoe.nn.routing import Routing, top_k_routing
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel, with mean and std as buffers (names match the research code).
+
+    Args:
+        mean: per-channel means (C,).
+        std: per-channel standard deviations (C,), all > 0.
+    """
+
+    def __init__(self, mean, std):
+        super().__init__()
+        mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
+        std = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
+        if mean.shape != std.shape or (std <= 0).any():
+            raise ValueError(f"normalize needs mean and std of equal length with std > 0, got {mean}, {std}")
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) -> normalised (B, C, H, W)."""
+        return (x - self.mean[None, :, None, None].to(x.dtype)) / self.std[None, :, None, None].to(x.dtype)
+
+
+class RoutedSequential(nn.Sequential):
+    """``nn.Sequential`` that passes ``routing`` to the children that take it (``takes_routing``)."""
+
+    takes_routing = True
+
+    def forward(self, x: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
+        for module in self:
+            x = module(x, routing) if getattr(module, "takes_routing", False) else module(x)
+        return x
+
+
+class RoutedModel(nn.Module):
+    """Base of the zoo models: normalisation buffers, optional model-level router, ``route()``.
+
+    Attributes:
+        normalize: a ``Normalize`` or None.
+        router: a model-level ``Router`` or None (dense models and per-layer routing).
+        top_k: experts per sample chosen from the model-level router.
+        config: the ``create_model`` arguments that rebuild this model (set by the registry).
+    """
+
+    def __init__(self, normalize=None, router: Router | None = None, top_k: int = 1):
+        super().__init__()
+        self.normalize = Normalize(*normalize) if normalize is not None else None
+        self.router = router
+        self.top_k = top_k
+        self.routing_frozen = False
+        self.config: dict = {}
+        self._record: dict | None = None
+
+    def prepare(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing | None]:
+        """Checks the input, normalises it and routes it.
+
+        Args:
+            x: (B, C, H, W) images in [0, 1].
+
+        Returns:
+            (normalised x, the model-level Routing or None).
+        """
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"input must be a (B, C, H, W) image tensor, got {getattr(x, 'shape', type(x))}")
+        if self.normalize is not None:
+            if x.shape[1] != self.normalize.mean.numel():
+                raise ValueError(f"input has {x.shape[1]} channels, normalisation {self.normalize.mean.numel()}")
+            x = self.normalize(x)
+        return x, self.route(x)
+
+    def route(self, x: torch.Tensor) -> Routing | None:
+        """The model-level routing for normalised x, or None (no router, or routing frozen)."""
+        if self.router is None or self.routing_frozen:
+            return None
+        routing = top_k_routing(self.router(x), self.top_k)
+        if self._record is not None:
+            self._record["router"] = routing
+        return routing

@@ -1,0 +1,98 @@
+"""Routing decisions: the ``Routing`` record, top-k with a straight-through gate, load balancing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_SCORES = ("logits", "softmax")
+
+
+@dataclass
+class Routing:
+    """The experts chosen for a batch, handed from a router to the MoE layers it drives.
+
+    Attributes:
+        expert_idx: (B, k) int64 chosen experts, best first.
+        gate: (B, k) float gates; value 1 in the forward pass, carrying the router's gradient backward
+            (straight-through), so routers learn through the hard choice.
+        logits: (B, E) router scores.
+    """
+
+    expert_idx: torch.Tensor
+    gate: torch.Tensor
+    logits: torch.Tensor
+
+    @property
+    def num_experts(self) -> int:
+        """E, the number of experts the router scores."""
+        return self.logits.shape[1]
+
+
+def top_k_routing(logits: torch.Tensor, k: int = 1, score: str = "logits") -> Routing:
+    """Picks the k best experts per sample, with a straight-through gate.
+
+    The gate equals 1 in the forward pass; its gradient flows into the chosen experts' scores. With
+    ``score="logits"`` (the research code's ``GetMask``) into the raw logits, with ``score="softmax"``
+    into the softmax probabilities. For k = 1 the choice is ``argmax`` (ties go to the lower index).
+
+    Args:
+        logits: (B, E) router scores.
+        k: experts per sample, 1 <= k <= E.
+        score: "logits" or "softmax": what the gate's gradient flows into.
+
+    Returns:
+        A ``Routing`` with expert_idx (B, k) int64, gate (B, k) in the dtype of logits, and the logits.
+
+    Raises:
+        ValueError: logits not 2-D floating point, k out of range or an unknown score.
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError(f"logits must be a (B, E) floating tensor, got {_describe(logits)}")
+    num_experts = logits.shape[1]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
+        raise ValueError(f"k must be an int in [1, {num_experts}] (the number of experts), got {k!r}")
+    if score not in _SCORES:
+        raise ValueError(f"score must be one of {_SCORES}, got {score!r}")
+    scores = logits.detach()
+    expert_idx = scores.argmax(dim=1, keepdim=True) if k == 1 else scores.topk(k, dim=1).indices
+    source = logits if score == "logits" else torch.softmax(logits, dim=1)
+    chosen = source.gather(1, expert_idx)
+    gate = 1.0 + (chosen - chosen.detach())
+    return Routing(expert_idx=expert_idx, gate=gate, logits=logits)
+
+
+def load_balance_loss(logits: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
+    """Switch-Transformer load-balancing loss ``E * sum_e f_e * P_e``.
+
+    ``f_e`` is the share of routing slots sent to expert e (not differentiable), ``P_e`` the mean
+    softmax probability of e (differentiable). It is 1 for a perfectly balanced router and grows to E
+    when every sample goes to one expert.
+
+    Args:
+        logits: (B, E) router scores.
+        expert_idx: (B, k) chosen experts.
+
+    Returns:
+        A scalar tensor (0 for an empty batch).
+    """
+    if logits.dim() != 2 or expert_idx.dim() != 2 or expert_idx.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"logits must be (B, E) and expert_idx (B, k) with the same B, got {tuple(logits.shape)} "
+            f"and {tuple(expert_idx.shape)}"
+        )
+    num_experts = logits.shape[1]
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    counts = torch.zeros(num_experts, device=logits.device, dtype=torch.float32)
+    counts.index_add_(0, expert_idx.reshape(-1).to(torch.int64), torch.ones_like(counts[:1]).expand(expert_idx.numel()))
+    share = counts / expert_idx.numel()
+    prob = torch.softmax(logits.float(), dim=1).mean(0)
+    return num_experts * (share * prob).sum()
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
