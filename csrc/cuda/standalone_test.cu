@@ -247,7 +247,8 @@ void run_case(const Config& c, std::mt19937& rng) {
       want_gs[r * y_row + i] = (c.gate ? H::get(gate[order[r]]) : 1.0) * want_g[r * y_row + i];
     }
   expect_close(as_double(download(d_g, n * y_row)), want_g, 0, 0, "gather grad_out", c, H::name);
-  if (c.gate) expect_close(as_double(download(d_gs, n * y_row)), want_gs, H::tol, 0, "gather scaled", c, H::name);
+  // Absolute floor 1e-2 * tol: one rounding of a tiny (subnormal in fp16) product is not relatively small.
+  if (c.gate) expect_close(as_double(download(d_gs, n * y_row)), want_gs, H::tol, 1e-2, "gather scaled", c, H::name);
 
   T* d_gx = upload(gx);
   std::vector<double> want_dx(c.batch * x_row, 0.0);
