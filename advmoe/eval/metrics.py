@@ -1,0 +1,150 @@
+"""Per-sample correctness under clean inputs and attacks, and the tallies that turn it into accuracies.
+
+Every metric of :func:`advmoe.eval.evaluate` is built from boolean per-sample vectors ("still classified
+correctly"), so worst cases over several attacks are exact per-sample ANDs, never a min of averages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from advmoe.eval.config import EvalConfig
+
+__all__ = ["ATTACK_LABELS", "GRADIENT_ATTACKS", "Tally", "correct", "make_attack", "predict", "run_attack"]
+
+# Attacks that follow the model's gradients (the pathway and frozen-routing attacks reuse these).
+GRADIENT_ATTACKS = ("pgd_ce", "pgd_cw")
+
+ATTACK_LABELS = {
+    "pgd_ce": "PGD-{steps} CE",
+    "pgd_cw": "PGD-{steps} CW",
+    "autoattack": "AutoAttack ({version}{detail})",
+    "router_attack": "router attack ({steps} steps)",
+}
+
+Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Predicted classes.
+
+    Args:
+        model: a module returning logits (B, classes).
+        x: (B, C, H, W) inputs.
+
+    Returns:
+        (B,) int64 argmax of the logits.
+    """
+    return model(x).argmax(dim=1)
+
+
+def correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: whether each sample of ``x`` (B, C, H, W) is classified as its label ``y`` (B,)."""
+    return predict(model, x) == y
+
+
+def make_attack(name: str, cfg: EvalConfig, generator: torch.Generator | None = None) -> Attack:
+    """The attack ``name`` with the budget of ``cfg``, as a function ``(model, x, y) -> x_adv``.
+
+    Args:
+        name: ``pgd_ce`` (PGD on cross-entropy), ``pgd_cw`` (PGD on the CW margin) or ``autoattack``.
+        cfg: evaluation settings (eps, norm, PGD steps/step size/restarts, AutoAttack version).
+        generator: random generator of the attacks' random starts, on the inputs' device (reproducible runs).
+
+    Returns:
+        A function taking (model, x (B, C, H, W) in [0, 1], y (B,)) and returning x_adv (B, C, H, W).
+
+    Raises:
+        ValueError: unknown attack name.
+    """
+    from advmoe import attacks
+
+    if name in GRADIENT_ATTACKS:
+        loss = "ce" if name == "pgd_ce" else "cw"
+
+        def run_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return attacks.pgd(
+                model,
+                x,
+                y,
+                eps=cfg.eps,
+                alpha=cfg.pgd_alpha,
+                steps=cfg.pgd_steps,
+                random_start=True,
+                norm=cfg.norm,
+                loss=loss,
+                restarts=cfg.pgd_restarts,
+                generator=generator,
+            )
+
+        return run_pgd
+    if name == "autoattack":
+
+        def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return attacks.autoattack(
+                model,
+                x,
+                y,
+                eps=cfg.eps,
+                norm=cfg.norm,
+                version=cfg.autoattack_version,
+                n_iter=cfg.autoattack_iters,
+                n_targets=cfg.autoattack_targets,
+                generator=generator,
+            )
+
+        return run_autoattack
+    raise ValueError(f"unknown attack {name!r}; known: {[*GRADIENT_ATTACKS, 'autoattack']}")
+
+
+def run_attack(
+    name: str,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: EvalConfig,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Run :func:`make_attack` ``(name, cfg, generator)`` on one batch and return x_adv (B, C, H, W)."""
+    return make_attack(name, cfg, generator)(model, x, y).detach()
+
+
+class Tally:
+    """Accumulates per-sample boolean vectors under named keys and reports their means.
+
+    Example:
+        >>> t = Tally()
+        >>> t.add("sa", torch.tensor([True, False]))
+        >>> t.add("sa", torch.tensor([True, True]))
+        >>> t.mean("sa")
+        0.75
+    """
+
+    def __init__(self) -> None:
+        self._hits: dict[str, int] = {}
+        self._counts: dict[str, int] = {}
+
+    def add(self, key: str, mask: torch.Tensor) -> None:
+        """Add a (B,) bool vector (True = the sample counts as a hit) to ``key``."""
+        if mask.dim() != 1 or mask.dtype != torch.bool:
+            shape = tuple(mask.shape)
+            raise ValueError(f"Tally.add({key!r}): mask must be a 1-D bool tensor, got {mask.dtype} {shape}")
+        self._hits[key] = self._hits.get(key, 0) + int(mask.sum())
+        self._counts[key] = self._counts.get(key, 0) + mask.numel()
+
+    def names(self) -> list[str]:
+        """Keys seen so far, in insertion order."""
+        return list(self._counts)
+
+    def count(self, key: str) -> int:
+        """Number of samples added under ``key``."""
+        return self._counts.get(key, 0)
+
+    def mean(self, key: str) -> float | None:
+        """Fraction of hits under ``key`` in [0, 1]; None when nothing was added."""
+        n = self._counts.get(key, 0)
+        return self._hits[key] / n if n else None
