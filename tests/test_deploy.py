@@ -1,0 +1,207 @@
+"""advmoe.deploy: BatchNorm folding, to_sparse equivalence over the registry, save/load, torch.export."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from advmoe.bench.models import balance_router
+from advmoe.deploy import PathwayMoE, load_deployed, load_research_checkpoint, save_deployed, to_sparse
+from advmoe.deploy.fold import find_conv_bn_pairs, fold_bn
+from advmoe.models import create_model, list_models
+from advmoe.nn import SparseMoEConv2d, moe_layers
+
+NORM = ([0.4, 0.5, 0.6], [0.2, 0.25, 0.3])
+# Ratios that keep every registry model small enough for a CPU test while keeping its structure.
+SMALL_RATIO = {
+    "wrn_28_10_cifar": 0.0625,
+    "wrn_34_10_cifar": 0.0625,
+    "resnet50_imagenet": 0.0625,
+    "resnet50_cifar": 0.0625,
+    "densenet_cifar": 0.125,
+    "densenet_imagenet": 0.125,
+}
+
+
+def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+            m.weight.data.copy_(0.5 + torch.rand(n, generator=g))
+            m.bias.data.copy_(0.1 * torch.randn(n, generator=g))
+    return model.eval()
+
+
+def _moe(name: str, **kwargs) -> nn.Module:
+    args = {"num_experts": 2, "ratio": SMALL_RATIO.get(name, 0.25), "normalize": NORM, "backend": "reference"}
+    args.update(kwargs)
+    torch.manual_seed(0)
+    return _randomize_bn(create_model(name, **args))
+
+
+def _images(batch: int, size: int = 32, seed: int = 1) -> torch.Tensor:
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _assert_close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-4) -> None:
+    err = (a - b).abs()
+    scale = max(1.0, b.abs().max().item())
+    assert err.max().item() <= atol * scale, f"max diff {err.max().item():.3g}, mean {err.mean().item():.3g}"
+
+
+def test_fold_bn_matches_conv_then_bn():
+    conv, bn = nn.Conv2d(3, 6, 3, padding=1), _randomize_bn(nn.BatchNorm2d(3))
+    weight, bias = fold_bn(conv.weight, conv.bias, bn, repeat=2)  # BN over 3 channels shared by 2 "experts"
+    x = torch.randn(2, 3, 7, 5)
+    ref = conv(x).view(2, 2, 3, 7, 5)
+    ref = torch.stack([bn(ref[:, e]) for e in range(2)], 1).view(2, 6, 7, 5)
+    _assert_close(F.conv2d(x, weight, bias, padding=1), ref, atol=1e-5)
+    with pytest.raises(ValueError, match="BatchNorm has 3 channels"):
+        fold_bn(conv.weight, conv.bias, bn, repeat=1)
+
+
+class _Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1, self.r1 = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU()
+        self.c2, self.b2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c3, self.b3 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = F.relu(self.b2(self.c2(self.r1(self.b1(self.c1(x))))))
+        z = self.c3(y)
+        return self.b3(z) + z  # c3's output has two consumers: not foldable
+
+
+def test_find_conv_bn_pairs_follows_dataflow():
+    pairs = find_conv_bn_pairs(_Toy().eval(), torch.randn(2, 3, 8, 8), (nn.Conv2d,))
+    assert [(p.conv, p.bn, p.relu) for p in pairs] == [("c1", "b1", "r1"), ("c2", "b2", None)]
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_to_sparse_matches_every_registry_model(name):
+    model = _moe(name)
+    size = 64 if "imagenet" in name else 32
+    x = _images(2, size)  # balanced: one sample per pathway
+    balance_router(model, x)
+    deployed = to_sparse(model, example_input=x[:2])
+    assert isinstance(deployed, PathwayMoE) and deployed.deploy_mode == "pathway"
+    assert len(set(deployed.route(x).tolist())) == 2, "the test batch must use both pathways"
+    for net in deployed.pathways:
+        assert not any(isinstance(m, SparseMoEConv2d) for m in net.modules())
+        if name.startswith(
+            ("resnet", "vgg")
+        ):  # conv -> BN everywhere (WRN/DenseNet are pre-activation: BN -> ReLU -> conv)
+            assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    with torch.no_grad():
+        _assert_close(deployed(x), model(x))
+        _assert_close(deployed(x[1:]), model(x[1:]))  # single-sample fast path
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"router": "per_layer"}, {"num_experts": 3, "top_k": 2}, {"num_experts": 3}], ids=str
+)
+def test_to_sparse_layer_mode(kwargs):
+    model = _moe("resnet10_mini", **kwargs)
+    x = _images(5)
+    deployed = to_sparse(model, mode="layer" if "router" not in kwargs else "auto", example_input=x[:2])
+    assert deployed.deploy_mode == "layer"
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())
+    assert n_bn < sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    with torch.no_grad():
+        _assert_close(deployed(x), model(x))
+
+
+def test_to_sparse_dense_model_folds_batchnorm():
+    torch.manual_seed(0)
+    model = _randomize_bn(create_model("resnet10_mini", ratio=0.5, normalize=NORM))
+    deployed = to_sparse(model)
+    assert deployed.deploy_mode == "dense"
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())
+    x = _images(3)
+    with torch.no_grad():
+        _assert_close(deployed(x), model(x))
+
+
+def test_to_sparse_leaves_source_unchanged_and_rejects_bad_modes():
+    model = _moe("resnet10_mini")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    to_sparse(model)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert model.bn1.__class__ is nn.BatchNorm2d
+    with pytest.raises(ValueError, match="mode must be one of"):
+        to_sparse(model, mode="fast")
+    with pytest.raises(ValueError, match="model-level router"):
+        to_sparse(_moe("resnet10_mini", router="per_layer"), mode="pathway")
+
+
+def test_to_sparse_empty_batch_and_bad_input():
+    deployed = to_sparse(_moe("resnet10_mini"))
+    with torch.no_grad():
+        assert deployed(_images(0)).shape == (0, 10)
+    with pytest.raises(ValueError, match="B, C, H, W"):
+        deployed(torch.rand(3, 32, 32))
+
+
+def _research_format(model: nn.Module) -> dict:
+    """Our model's weights in the research code's checkpoint layout (router copied into every MoE layer)."""
+    state = dict(model.state_dict())
+    router = {k[len("router.") :]: v for k, v in state.items() if k.startswith("router.")}
+    for name, _ in moe_layers(model):
+        state.update({f"{name}.router.{k}": v.clone() for k, v in router.items()})
+    return {"state_dict": state, "router": router, "epoch": 3}
+
+
+def test_to_sparse_research_checkpoint(tmp_path):
+    source = _moe("resnet18_cifar", ratio=0.125, normalize=([0.49, 0.48, 0.45], [0.25, 0.24, 0.26]))
+    x = _images(4)
+    balance_router(source, x)
+    path = tmp_path / "research.pth"
+    torch.save(_research_format(source), path)
+    model = load_research_checkpoint(str(path), "resnet18_cifar_moe", num_experts=2, ratio=0.125, num_classes=10)
+    deployed = to_sparse(model, example_input=x[:2])
+    assert deployed.deploy_mode == "pathway"
+    with torch.no_grad():
+        _assert_close(deployed(x), source(x))
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"router": "per_layer"}], ids=["pathway", "layer"])
+def test_save_load_round_trip(tmp_path, kwargs):
+    model = _moe("resnet10_mini", **kwargs)
+    x = _images(4)
+    balance_router(model, x)
+    deployed = to_sparse(model)
+    path = save_deployed(deployed, tmp_path / "sub" / "deployed.pt")
+    blob = torch.load(path, weights_only=True)
+    assert blob["format"] == "advmoe-deployed" and blob["deploy_mode"] == deployed.deploy_mode
+    loaded = load_deployed(path)
+    assert loaded.deploy_mode == deployed.deploy_mode and not loaded.training
+    with torch.no_grad():
+        assert torch.equal(loaded(x), deployed(x))
+
+
+def test_load_deployed_rejects_other_files(tmp_path):
+    torch.save({"state_dict": {}}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="not a deployed advmoe model"):
+        load_deployed(tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="save_deployed needs"):
+        save_deployed(nn.Linear(2, 2), tmp_path / "y.pt")
+
+
+@pytest.mark.parametrize("mode", ["pathway", "layer"])
+def test_torch_export_round_trip(tmp_path, mode):
+    model = _moe("resnet10_mini")
+    x = _images(6)
+    balance_router(model, x)
+    deployed = to_sparse(model, mode=mode)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(deployed, (x,), dynamic_shapes={"x": {0: batch}})
+    torch.export.save(program, tmp_path / "deployed.pt2")
+    loaded = torch.export.load(tmp_path / "deployed.pt2").module()
+    with torch.no_grad():
+        for inputs in (x, x[:3], x[2:3]):
+            _assert_close(loaded(inputs), model(inputs))
