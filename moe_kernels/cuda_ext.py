@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from moe_kernels.backends import BackendUnavailable
+from moe_kernels.cpu_ext import _detached
 
 _HOW_TO = (
     "the CUDA backend needs a CUDA build of torch and nvcc; reinstall with "
@@ -60,6 +61,7 @@ def forward(
     Returns:
         (B, k * w, H_out, W_out), contiguous.
     """
+    x, weight, gate, bias = _detached(x, weight, gate, bias)
     return torch.ops.moe_kernels_C.sparse_moe_conv2d_fwd(
         x, weight, expert_idx, gate, bias, num_experts, list(stride), list(padding), list(dilation)
     )
@@ -90,6 +92,7 @@ def backward(
     """
     needs = tuple(bool(n) for n in needs)
     needs = (needs[0], needs[1], needs[2] and bias is not None, needs[3] and gate is not None)
+    grad_out, x, weight, gate, bias = _detached(grad_out, x, weight, gate, bias)
     grads = torch.ops.moe_kernels_C.sparse_moe_conv2d_bwd(
         grad_out, x, weight, expert_idx, gate, bias, num_experts, list(stride), list(padding), list(dilation),
         list(needs),

@@ -45,7 +45,10 @@ def _sparse_moe_conv2d_op(
     # bad index from Python is a ValueError before any compiled code runs.
     check_expert_idx_values(expert_idx, num_experts)
     forward, _ = get_backend(backend)
-    y = forward(x, weight, expert_idx, num_experts, gate, bias, tuple(stride), tuple(padding), tuple(dilation))
+    # Gradients come from the explicit backward op: the kernels' internal aten calls must not record autograd
+    # (they would try to save inference-mode tensors under torch.inference_mode()).
+    with torch.no_grad():
+        y = forward(x, weight, expert_idx, num_experts, gate, bias, tuple(stride), tuple(padding), tuple(dilation))
     if activation == "relu":
         y = torch.relu_(y) if not y.requires_grad else torch.relu(y)
     y = y.contiguous(memory_format=_memory_format(x))
@@ -79,10 +82,11 @@ def _sparse_moe_conv2d_backward_op(
     needs: Sequence[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _, backward = get_backend(backend)
-    grads = backward(
+    with torch.no_grad():
+        grads = backward(
         grad_out, x, weight, expert_idx, num_experts, gate, bias,
-        tuple(stride), tuple(padding), tuple(dilation), tuple(bool(n) for n in needs),
-    )  # fmt: skip
+            tuple(stride), tuple(padding), tuple(dilation), tuple(bool(n) for n in needs),
+        )  # fmt: skip
     like = (x, weight, bias, gate)
     return tuple(
         x.new_empty(0) if g is None else g.contiguous().to(ref.dtype) for g, ref in zip(grads, like, strict=True)
