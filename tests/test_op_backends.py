@@ -57,7 +57,7 @@ def test_matches_reference(backend, case_name, dtype):
         assert out.is_contiguous(memory_format=torch.channels_last)
     if case.batch == 0:
         return
-    names = [n for n, t in zip(("x", "weight", "gate", "bias"), (0, 1, 3, 4)) if inputs[t] is not None]
+    names = [n for n, t in zip(("x", "weight", "gate", "bias"), (0, 1, 3, 4), strict=True) if inputs[t] is not None]
     for name, got, want in zip(names, _grads(out, inputs), _grads(expected, ref_inputs), strict=True):
         assert_close(got, want, tol * 10, tol * 10, f"grad {name}")
 

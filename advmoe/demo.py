@@ -1,0 +1,217 @@
+"""``advmoe demo``: the project's main job, end to end on the embedded digits data, in a few minutes on a CPU.
+
+1. Train a small MoE-CNN (``resnet10_mini``, r = 0.5, E = 2, one model-level router) with AdvMoE, and the
+   dense PGD-AT baseline (same recipe as ``configs/digits_advmoe.yaml`` / ``configs/digits_at.yaml``).
+2. Print SA and RA (PGD-10, eps 8/255) of both.
+3. Convert the MoE model with ``advmoe.deploy.to_sparse``, check that its logits match on the test set,
+   save it (``deployed.pt``) and reload it.
+4. Print a FLOPs / latency table against the dense model (plus the research code's masked MoE and the
+   ideal slim network) and save plots and a JSON summary to the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_EPS, _ALPHA, _EVAL_ALPHA = 8 / 255, 5 / 255, 2 / 255
+
+
+def _config_dict(strategy: str, epochs: int, seed: int, device: str, quick: bool) -> dict[str, Any]:
+    moe = strategy == "advmoe"
+    opt = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "cosine"}
+    train = {
+        "strategy": strategy, "epochs": epochs, "batch_size": 64,
+        "attack": {"eps": _EPS, "alpha": _ALPHA, "steps": 2, "norm": "linf"},
+        "optimizer": dict(opt), "router_optimizer": dict(opt),
+        "eval_attack": {"eps": _EPS, "alpha": _EVAL_ALPHA, "steps": 10}, "eval_samples": 360, "log_every_steps": 5,
+    }  # fmt: skip
+    if moe:
+        train.update(loss="ce", router_loss="task", router_steps=1, expert_steps=1)
+    data = {"name": "digits", "kwargs": {"size": 32, "channels": 3}, "augment": True, "crop_padding": 2, "flip": False}
+    if quick:
+        train.update(epochs=1, max_steps=2, batch_size=16, eval_samples=32, progress=False)
+        train["eval_attack"]["steps"] = 2
+        data["max_train_samples"] = 64
+    model = {"name": "resnet10_mini", "num_experts": 2 if moe else None, "ratio": 0.5 if moe else 1.0, "top_k": 1,
+             "router": "research"}  # fmt: skip
+    return {"seed": seed, "device": device, "model": model, "data": data, "train": train}
+
+
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``advmoe demo`` options."""
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--epochs", type=int, default=6, help="training epochs of each model (default 6)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    p.add_argument("--seed", type=int, default=1234, help="random seed (default 1234)")
+    p.add_argument("--batches", nargs="+", type=int, help="latency batch sizes (default 1 64; quick: 1 4)")
+    p.add_argument("--quick", action="store_true", help="CI mode: a few training steps, tiny evaluation (< 60 s)")
+
+
+def _test_batches(n_max: int | None, batch: int = 120):
+    from advmoe.data import build_dataset
+
+    data = build_dataset("digits", split="test", size=32, channels=3)
+    n = len(data) if n_max is None else min(n_max, len(data))
+    xs = torch.stack([data[i][0] for i in range(n)])
+    ys = torch.tensor([int(data[i][1]) for i in range(n)])
+    return [(xs[i : i + batch], ys[i : i + batch]) for i in range(0, n, batch)]
+
+
+@torch.no_grad()
+def check_logits(model: torch.nn.Module, deployed: torch.nn.Module, batches, device) -> dict[str, float]:
+    """Compares the deployed model's logits with the source model's on the given (x, y) batches."""
+    diff, agree, correct, n = 0.0, 0, 0, 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        ref, out = model(x), deployed(x)
+        diff = max(diff, (ref - out).abs().max().item())
+        agree += int((ref.argmax(1) == out.argmax(1)).sum())
+        correct += int((out.argmax(1) == y).sum())
+        n += x.shape[0]
+    return {"max_abs_diff": diff, "prediction_agreement": agree / max(n, 1), "deployed_sa": correct / max(n, 1), "n": n}
+
+
+def _cost_table(dense, moe, deployed, device, batches, repeats) -> dict[str, Any]:
+    """FLOPs per image and median latency per batch size of the demo's models and the baselines."""
+    from advmoe.bench.masked import to_masked
+    from advmoe.bench.models import IdealModel, flops_per_image
+    from advmoe.bench.timing import time_interleaved
+    from advmoe.models import create_model
+
+    slim = create_model(
+        "resnet10_mini",
+        ratio=moe.config["ratio"],
+        num_classes=moe.config["num_classes"],
+        in_channels=moe.config["in_channels"],
+        normalize=moe.config["normalize"],
+    ).to(device)
+    variants = {"dense": dense, "masked": to_masked(moe), "sparse": moe, "deployed": deployed,
+                "ideal": IdealModel(moe, slim)}  # fmt: skip
+    for m in variants.values():
+        m.eval()
+    x1 = torch.rand(1, moe.config["in_channels"], 32, 32, device=device)
+    flops = {k: flops_per_image(m, x1)[0] for k, m in variants.items()}
+    latency: dict[str, dict[int, float]] = {k: {} for k in variants}
+    data = _test_batches(None, batch=max(batches))
+    for batch in batches:
+        x = data[0][0][:batch].to(device)
+        fns = {k: (lambda m=m, x=x: m(x)) for k, m in variants.items()}
+        t = time_interleaved(fns, device, warmup=1 if repeats < 5 else 2, repeats=repeats)
+        for k in variants:
+            latency[k][batch] = t[k]["median_ms"]
+    return {"flops_g": flops, "latency_ms": latency}
+
+
+def _print_costs(costs: dict[str, Any], device_text: str) -> str:
+    flops, latency = costs["flops_g"], costs["latency_ms"]
+    batches = sorted(next(iter(latency.values())))
+    lines = [f"FLOPs (fvcore, per image, router included) and latency (median ms) on {device_text}:",
+             "| model | MFLOPs/img | x dense | " + " | ".join(f"B={b} ms (x dense)" for b in batches) + " |",
+             "|---|---|---|" + "---|" * len(batches)]  # fmt: skip
+    for k in latency:
+        cells = [k, f"{1e3 * flops[k]:.1f}", f"{flops[k] / flops['dense']:.3f}"]
+        cells += [f"{latency[k][b]:.2f} ({latency[k][b] / latency['dense'][b]:.3f})" for b in batches]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _plot(costs: dict[str, Any], history: dict[str, list], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    names = list(costs["flops_g"])
+    axes[0].bar(names, [1e3 * costs["flops_g"][k] for k in names], color="tab:blue")
+    axes[0].set_ylabel("MFLOPs / image (fvcore)")
+    batches = sorted(next(iter(costs["latency_ms"].values())))
+    width = 0.8 / len(batches)
+    for i, b in enumerate(batches):
+        ratios = [costs["latency_ms"][k][b] / costs["latency_ms"]["dense"][b] for k in names]
+        axes[1].bar([j + i * width for j in range(len(names))], ratios, width, label=f"B={b}")
+    axes[1].set_xticks([j + width * (len(batches) - 1) / 2 for j in range(len(names))], names)
+    axes[1].set_ylabel("latency / dense")
+    axes[1].legend()
+    for label, rows in history.items():
+        epochs = [r["epoch"] for r in rows if "ra" in r]
+        axes[2].plot(epochs, [100 * r["sa"] for r in rows if "ra" in r], marker="o", label=f"{label} SA")
+        axes[2].plot(epochs, [100 * r["ra"] for r in rows if "ra" in r], marker="s", ls="--", label=f"{label} RA")
+    axes[2].set_xlabel("epoch")
+    axes[2].set_ylabel("accuracy (%)")
+    axes[2].legend(fontsize=7)
+    for ax in axes[:2]:
+        ax.tick_params(axis="x", labelrotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs the demo (see the module docstring) and returns its summary (also written to ``summary.json``)."""
+    from advmoe.bench.timing import device_description
+    from advmoe.deploy import load_deployed, save_deployed, to_sparse
+    from advmoe.train import ExperimentConfig, train
+    from advmoe.train.distributed import resolve_device
+    from advmoe.train.trainer import load_trained_model
+
+    start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(args.device)
+    runs, history = {}, {}
+    for label, strategy in (("advmoe", "advmoe"), ("dense_at", "pgd_at")):
+        print(f"== training {label}: resnet10_mini {'MoE r=0.5 E=2' if strategy == 'advmoe' else 'dense'}, {strategy}")
+        cfg = ExperimentConfig.from_dict(_config_dict(strategy, args.epochs, args.seed, str(device), args.quick))
+        summary = train(cfg, out / label)
+        runs[label], _ = load_trained_model(out / label / "last.pt", device)
+        history[label] = summary["history"]
+    rows = {k: v[-1] for k, v in history.items()}
+    attack = "PGD-2" if args.quick else "PGD-10"
+    print(f"\n== robustness (digits test, {rows['advmoe'].get('eval_samples')} samples, {attack}, eps 8/255)")
+    for label, r in rows.items():
+        print(f"  {label:9s} SA {100 * r['sa']:6.2f}%   RA {100 * r['ra']:6.2f}%")
+
+    moe, dense = runs["advmoe"], runs["dense_at"]
+    batches = _test_batches(32 if args.quick else None)
+    deployed = to_sparse(moe, example_input=batches[0][0][:2].to(device))
+    check = check_logits(moe, deployed, batches, device)
+    path = save_deployed(deployed, out / "deployed.pt")
+    reloaded = load_deployed(path, map_location=device)
+    check_reload = check_logits(deployed, reloaded, batches[:1], device)
+    print(f"\n== deployed ({deployed.deploy_mode} mode) -> {path}")
+    print(f"  logits vs training model: max |diff| {check['max_abs_diff']:.2e}, predictions agree "
+          f"{100 * check['prediction_agreement']:.1f}% of {check['n']}, SA {100 * check['deployed_sa']:.2f}%; "
+          f"reloaded max |diff| {check_reload['max_abs_diff']:.1e}")  # fmt: skip
+    tol = 1e-3
+    if not check["max_abs_diff"] <= tol or not check_reload["max_abs_diff"] <= tol:
+        raise RuntimeError(f"deployed logits do not match the training model (tolerance {tol})")
+
+    lat_batches = args.batches or ([1, 4] if args.quick else [1, 64])
+    costs = _cost_table(dense, moe, deployed, device, lat_batches, repeats=2 if args.quick else 10)
+    table = _print_costs(costs, device_description(device))
+    print("\n" + table)
+    _plot(costs, history, out / "demo.png")
+    summary = {
+        "device": device_description(device),
+        "quick": bool(args.quick),
+        "epochs": args.epochs,
+        "sa_ra": {
+            k: {"sa": r["sa"], "ra": r["ra"], "attack": attack, "n": r.get("eval_samples")} for k, r in rows.items()
+        },
+        "deploy": {"mode": deployed.deploy_mode, **check},
+        "costs": copy.deepcopy(costs),
+        "seconds": time.perf_counter() - start,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    (out / "costs.md").write_text(table + "\n")
+    print(f"\nplots: {out / 'demo.png'}, training curves: {out}/<run>/; summary: {out / 'summary.json'} "
+          f"({summary['seconds']:.0f} s)")  # fmt: skip
+    return summary

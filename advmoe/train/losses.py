@@ -1,0 +1,88 @@
+"""Training losses, computed stably from logits.
+
+Every KL term takes log-probabilities on both sides (``F.kl_div(..., log_target=True)``), so a target
+probability that underflows to 0 in float32 never produces ``0 * log 0`` NaNs (the research code's
+``KLDivLoss(log_softmax(adv), softmax(nat))`` does, which is how its router goes NaN).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["NonFiniteLossError", "kl_from_logits", "research_router_loss", "trades_loss"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training loss was NaN or infinite; the run stops before the bad update is applied."""
+
+
+def kl_from_logits(logits_adv: torch.Tensor, logits_nat: torch.Tensor) -> torch.Tensor:
+    """Batch-mean KL(softmax(logits_nat) || softmax(logits_adv)), stable in float32.
+
+    Args:
+        logits_adv: (B, C) logits on adversarial inputs.
+        logits_nat: (B, C) logits on clean inputs (the target distribution; not detached).
+
+    Returns:
+        Scalar: sum over classes, mean over the batch (TRADES' ``(1/B) * KLDivLoss(reduction="sum")``).
+    """
+    return F.kl_div(
+        F.log_softmax(logits_adv.float(), dim=1),
+        F.log_softmax(logits_nat.float(), dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
+
+
+def trades_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
+    """TRADES objective: CE(f(x), y) + beta * KL(f(x) || f(x_adv)).
+
+    Args:
+        logits_nat: (B, C) logits on clean inputs.
+        logits_adv: (B, C) logits on the TRADES adversarial inputs.
+        y: (B,) int64 labels.
+        beta: weight of the robustness (KL) term.
+
+    Returns:
+        Scalar loss.
+    """
+    return F.cross_entropy(logits_nat, y) + beta * kl_from_logits(logits_adv, logits_nat)
+
+
+def research_router_loss(
+    router_nat: Mapping[str, torch.Tensor],
+    router_adv: Mapping[str, torch.Tensor],
+    y: torch.Tensor,
+    alpha: float,
+) -> torch.Tensor:
+    """The research code's router-step loss, averaged over routers and computed stably.
+
+    For each router r with E outputs: ``CE(s_r(x), y mod E) + alpha * KL(softmax(s_r(x)) ||
+    softmax(s_r(x_adv)))``. The label ``y mod E`` assigns classes to experts round-robin (the research
+    code's routing supervision); the KL term asks the routing scores to survive the attack.
+
+    Args:
+        router_nat: router name -> (B, E) router logits on clean inputs.
+        router_adv: router name -> (B, E) router logits on adversarial inputs (same keys).
+        y: (B,) int64 labels.
+        alpha: weight of the KL (router robustness) term; research code ``--alpha``.
+
+    Returns:
+        Scalar loss.
+
+    Raises:
+        ValueError: no routers (a dense model), or the two dicts have different keys.
+    """
+    if not router_nat:
+        raise ValueError("router_loss='research' needs a model with routers (router_logits is empty)")
+    if set(router_nat) != set(router_adv):
+        raise ValueError(f"router keys differ: {sorted(router_nat)} vs {sorted(router_adv)}")
+    total = 0.0
+    for name, scores in router_nat.items():
+        num_experts = scores.shape[1]
+        total = total + F.cross_entropy(scores.float(), y % num_experts)
+        total = total + alpha * kl_from_logits(router_adv[name], scores)
+    return total / len(router_nat)

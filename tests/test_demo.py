@@ -1,0 +1,30 @@
+"""``advmoe demo --quick``: training both models, conversion, logits check, cost table, plots, end to end."""
+
+import json
+
+import torch
+
+from advmoe.cli import main
+from advmoe.deploy import load_deployed
+
+
+def test_demo_quick_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "SA" in printed and "RA" in printed and "deployed (pathway mode)" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["sa_ra"]) == {"advmoe", "dense_at"}
+    for row in summary["sa_ra"].values():
+        assert 0.0 <= row["sa"] <= 1.0 and 0.0 <= row["ra"] <= row["sa"] + 1e-9
+    deploy = summary["deploy"]
+    assert deploy["mode"] == "pathway" and deploy["max_abs_diff"] < 1e-3 and deploy["prediction_agreement"] == 1.0
+    costs = summary["costs"]
+    assert set(costs["flops_g"]) == {"dense", "masked", "sparse", "deployed", "ideal"}
+    assert costs["flops_g"]["deployed"] <= costs["flops_g"]["sparse"] < costs["flops_g"]["masked"]
+    assert all(set(v) == {"1", "4"} or set(v) == {1, 4} for v in costs["latency_ms"].values())
+    for name in ("demo.png", "costs.md", "deployed.pt", "advmoe/last.pt", "dense_at/last.pt"):
+        assert (out / name).is_file(), name
+    deployed = load_deployed(out / "deployed.pt")
+    with torch.no_grad():
+        assert deployed(torch.rand(3, 3, 32, 32)).shape == (3, 10)
