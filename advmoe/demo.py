@@ -23,9 +23,11 @@ import torch
 _EPS, _ALPHA, _EVAL_ALPHA = 8 / 255, 5 / 255, 2 / 255
 
 
-def _config_dict(strategy: str, epochs: int, seed: int, device: str, quick: bool) -> dict[str, Any]:
+def _config_dict(
+    strategy: str, epochs: int, seed: int, device: str, quick: bool, router: str = "per_layer"
+) -> dict[str, Any]:
     moe = strategy == "advmoe"
-    opt = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "cosine"}
+    opt = {"name": "sgd", "lr": 0.02, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "cosine"}
     train = {
         "strategy": strategy, "epochs": epochs, "batch_size": 64,
         "attack": {"eps": _EPS, "alpha": _ALPHA, "steps": 2, "norm": "linf"},
@@ -40,7 +42,7 @@ def _config_dict(strategy: str, epochs: int, seed: int, device: str, quick: bool
         train["eval_attack"]["steps"] = 2
         data["max_train_samples"] = 64
     model = {"name": "resnet10_mini", "num_experts": 2 if moe else None, "ratio": 0.5 if moe else 1.0, "top_k": 1,
-             "router": "research"}  # fmt: skip
+             "router": router}  # fmt: skip
     return {"seed": seed, "device": device, "model": model, "data": data, "train": train}
 
 
@@ -50,6 +52,13 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=6, help="training epochs of each model (default 6)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     p.add_argument("--seed", type=int, default=1234, help="random seed (default 1234)")
+    p.add_argument(
+        "--router",
+        default="per_layer",
+        choices=("per_layer", "research"),
+        help="MoE routing (default per_layer: a GAP+linear router per layer; 'research' = the research code's "
+        "ResNet-20 image router, which alone costs more FLOPs than the whole resnet10_mini)",
+    )
     p.add_argument("--batches", nargs="+", type=int, help="latency batch sizes (default 1 64; quick: 1 4)")
     p.add_argument("--quick", action="store_true", help="CI mode: a few training steps, tiny evaluation (< 60 s)")
 
@@ -169,7 +178,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     runs, history = {}, {}
     for label, strategy in (("advmoe", "advmoe"), ("dense_at", "pgd_at")):
         print(f"== training {label}: resnet10_mini {'MoE r=0.5 E=2' if strategy == 'advmoe' else 'dense'}, {strategy}")
-        cfg = ExperimentConfig.from_dict(_config_dict(strategy, args.epochs, args.seed, str(device), args.quick))
+        settings = _config_dict(strategy, args.epochs, args.seed, str(device), args.quick, args.router)
+        cfg = ExperimentConfig.from_dict(settings)
         summary = train(cfg, out / label)
         runs[label], _ = load_trained_model(out / label / "last.pt", device)
         history[label] = summary["history"]
