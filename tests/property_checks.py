@@ -112,7 +112,8 @@ def _corrupt(args, kind, value):
     elif kind == "x_rank":
         bad["x"] = args["x"][:, 0]
     elif kind == "weight_dtype":
-        bad["weight"] = args["weight"].float()
+        other = torch.float16 if args["x"].dtype != torch.float16 else torch.float32
+        bad["weight"] = args["weight"].to(other)
     elif kind == "rows_not_divisible":
         bad["num_experts"] = args["weight"].shape[0] + 1 + value
     elif kind == "stride":
