@@ -12,10 +12,11 @@ import os
 import platform
 import re
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
+
+from advmoe.bench.timing import _time_once as time_once_seconds
 
 
 def device_slug(device: str | torch.device) -> str:
@@ -95,13 +96,5 @@ def time_interleaved(
 
 
 def _time_once(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
+    """Milliseconds of one call (CUDA events on GPU, wall clock on CPU); shares advmoe.bench's timer."""
+    return time_once_seconds(fn, device) * 1e3
