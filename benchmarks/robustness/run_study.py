@@ -41,6 +41,7 @@ from study_tables import METRICS, write_table  # noqa: E402
 
 from advmoe._config import from_dict, load_yaml  # noqa: E402
 from advmoe.eval import EvalConfig, evaluate, mean_std, summarize  # noqa: E402
+from advmoe.eval.metrics import autoattack_variant_of  # noqa: E402
 from advmoe.train.config import ExperimentConfig  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).with_name("study.yaml")
@@ -231,6 +232,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     records = [run_one(study, m, s, work_dir, args.fresh) for m in methods for s in seeds]
     total = time.perf_counter() - start
     summary = aggregate(records)
+    eval_cfg = from_dict(EvalConfig, study["eval"], "eval")
+    variant = autoattack_variant_of(eval_cfg) if "autoattack" in eval_cfg.attacks else None
     results = {
         "study": "AdvMoE small-scale reproduction on digits (issue 7)",
         "smoke": args.smoke,
@@ -239,14 +242,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seeds": seeds,
         "methods": methods,
         "config": {"base": study["base"], "methods": study["methods"], "eval": study["eval"]},
+        "autoattack_variant": variant,  # the AutoAttack budget behind every ra_autoattack (e.g. autoattack-fast-25it)
         "summary": summary,
         "runs": [{k: v for k, v in r.items() if k != "fingerprint"} for r in records],
         "diverged": [{"method": r["method"], "seed": r["seed"], "error": r["error"]} for r in records if "error" in r],
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
     write_table(results, out / "table.md")
-    plot_ra_vs_flops(summary, out / "ra_vs_flops.png")
-    plot_routing_robustness(records, out / "routing_robustness.png")
+    plot_ra_vs_flops(summary, out / "ra_vs_flops.png", autoattack_name=variant or "AutoAttack")
+    plot_routing_robustness(records, out / "routing_robustness.png", autoattack_name=variant or "AutoAttack")
     print(f"wrote {out}/results.json, table.md, ra_vs_flops.png, routing_robustness.png ({total:.0f} s)")
     return results
 

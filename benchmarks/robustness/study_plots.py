@@ -16,8 +16,16 @@ _RA_SERIES = [("ra_pgd_ce", "PGD", "o"), ("ra_autoattack", "AutoAttack", "s"), (
 _ROUTING_SERIES = [("pgd_ce", "PGD"), ("autoattack", "AutoAttack"), ("router_attack", "router attack")]
 
 
-def plot_ra_vs_flops(summary: dict[str, dict[str, Any]], path: Path) -> None:
-    """Scatter of RA (%) against MFLOPs per image, one colour per method, error bars = std over seeds."""
+def _named(series: list[tuple], autoattack_name: str) -> list[tuple]:
+    """The series with the AutoAttack entry labelled by its variant (e.g. ``autoattack-fast-25it``)."""
+    return [(s[0], autoattack_name, *s[2:]) if s[1] == "AutoAttack" else s for s in series]
+
+
+def plot_ra_vs_flops(summary: dict[str, dict[str, Any]], path: Path, autoattack_name: str = "AutoAttack") -> None:
+    """Scatter of RA (%) against MFLOPs per image, one colour per method, error bars = std over seeds.
+
+    ``autoattack_name`` labels the AutoAttack series (the variant name, e.g. ``autoattack-fast-25it``)."""
+    ra_series = _named(_RA_SERIES, autoattack_name)
     fig, ax = plt.subplots(figsize=(8.6, 4.4))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, entry in enumerate(summary.values()):
@@ -27,7 +35,7 @@ def plot_ra_vs_flops(summary: dict[str, dict[str, Any]], path: Path) -> None:
         fmean, fstd, _ = m["flops_per_image"]
         if fmean is None:
             continue
-        for key, _, marker in _RA_SERIES:
+        for key, _, marker in ra_series:
             mean, std, _ = m.get(key, (None, None, 0))
             if mean is None:
                 continue
@@ -44,7 +52,7 @@ def plot_ra_vs_flops(summary: dict[str, dict[str, Any]], path: Path) -> None:
                 markersize=7,
                 mfc="white" if key == "ra_worst" else None,
             )
-    handles = [plt.Line2D([], [], color="gray", marker=mk, ls="", label=name) for _, name, mk in _RA_SERIES]
+    handles = [plt.Line2D([], [], color="gray", marker=mk, ls="", label=name) for _, name, mk in ra_series]
     legends = []  # outside the axes, so they never hide a point
     if ax.get_legend_handles_labels()[0]:
         legends.append(ax.legend(loc="lower left", bbox_to_anchor=(1.02, 0.0), fontsize=8, title="method"))
@@ -59,14 +67,16 @@ def plot_ra_vs_flops(summary: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_routing_robustness(records: list[dict[str, Any]], path: Path) -> None:
-    """Bars: share of samples whose routing is unchanged (all layers) per MoE method and attack; and per layer."""
+def plot_routing_robustness(records: list[dict[str, Any]], path: Path, autoattack_name: str = "AutoAttack") -> None:
+    """Bars: share of the attacked samples whose routing is unchanged (all layers) per MoE method and attack;
+    and per layer. ``autoattack_name`` labels the AutoAttack bars (its variant name)."""
+    routing_series = _named(_ROUTING_SERIES, autoattack_name)
     moe = [r for r in records if "eval" in r and r["eval"].get("router_robustness")]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
     methods = list(dict.fromkeys(r["method"] for r in moe))
     labels = {r["method"]: r["label"] for r in moe}
-    width = 0.8 / max(1, len(_ROUTING_SERIES))
-    for j, (attack, name) in enumerate(_ROUTING_SERIES):
+    width = 0.8 / max(1, len(routing_series))
+    for j, (attack, name) in enumerate(routing_series):
         means, stds = [], []
         for method in methods:
             vals = [
@@ -77,7 +87,7 @@ def plot_routing_robustness(records: list[dict[str, Any]], path: Path) -> None:
             mean, std, _ = mean_std(vals)
             means.append(100 * mean if mean is not None else 0.0)
             stds.append(100 * std if std is not None else 0.0)
-        xs = [i + (j - (len(_ROUTING_SERIES) - 1) / 2) * width for i in range(len(methods))]
+        xs = [i + (j - (len(routing_series) - 1) / 2) * width for i in range(len(methods))]
         left.bar(xs, means, width, yerr=stds, capsize=3, label=name)
     left.set_xticks(range(len(methods)), [labels[m] for m in methods], fontsize=8)
     left.set_ylabel("samples with unchanged routing (%)")

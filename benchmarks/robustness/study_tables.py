@@ -5,15 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from advmoe.eval import markdown_table
+from advmoe.eval import EvalConfig, markdown_table
+from advmoe.eval.metrics import attack_label, autoattack_variant_of
 
 # (metric key, column header); fractions are shown in percent.
 METRICS = [
     ("sa", "SA"),
     ("ra_pgd_ce", "RA PGD-{steps}"),
-    ("ra_autoattack", "RA AutoAttack"),
+    ("ra_autoattack", "RA {autoattack}"),
     ("ra_worst", "RA worst case"),
-    ("ra_frozen_routing", "RA, routing frozen"),
+    ("ra_frozen_routing", "RA, routing frozen (scored frozen)"),
     ("ra_pathway_worst", "RA, fixed-pathway attacks"),
     ("router_unchanged_pgd_ce", "routing kept, PGD"),
     ("router_unchanged_router_attack", "routing kept, router attack"),
@@ -39,7 +40,12 @@ def _plain(value: tuple, digits: int) -> str:
 def write_table(results: dict[str, Any], path: Path) -> str:
     """Write ``table.md`` from the study results (see ``run_study.main``) and return its text."""
     cfg = results["config"]["eval"]
-    headers = [(k, h.format(steps=cfg.get("pgd_steps", "k"))) for k, h in METRICS]
+    eval_cfg = EvalConfig(**cfg)
+    variant = autoattack_variant_of(eval_cfg)  # the AutoAttack budget behind every row's column
+    budget = attack_label("autoattack", eval_cfg)
+    if variant != "autoattack-standard":
+        budget += ", not the standard budget"
+    headers = [(k, h.format(steps=cfg.get("pgd_steps", "k"), autoattack=variant)) for k, h in METRICS]
     rows = []
     for method in results["methods"]:
         entry = results["summary"][method]
@@ -64,9 +70,13 @@ def write_table(results: dict[str, Any], path: Path) -> str:
         "# AdvMoE on digits: robustness and cost (mean ± std over seeds)",
         "",
         f"Threat model: {cfg.get('norm', 'linf')} eps = {eps:.4g} on [0, 1] images. Accuracies in % of the "
-        'test set; "routing kept" = share of test samples whose expert choices are unchanged in every MoE '
-        'layer; "collapsed" = MoE layers that send >= 95% of the clean test samples to one expert. FLOPs: '
-        "fvcore, one multiply-add = one FLOP, router included, active experts only.",
+        f'test set. RA {budget}. "RA worst case": per sample, every attack\'s examples '
+        "scored on the real model, including those made with routing frozen, on fixed pathways and on the "
+        'soft-routing surrogate (docs/evaluation.md); "RA, routing frozen" is scored on the frozen model. '
+        '"Routing kept" = share of the attacked test samples (correct when clean and changed by the attack) '
+        'whose expert choices are unchanged in every MoE layer; "collapsed" = MoE layers that send >= 95% of '
+        "the clean test samples to one expert. FLOPs: fvcore, one multiply-add = one FLOP, router included, "
+        "active experts only.",
         "",
         table,
         "",
