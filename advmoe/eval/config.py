@@ -24,7 +24,9 @@ class EvalConfig:
         norm: ``"linf"`` or ``"l2"``.
         attacks: attacks whose robust accuracy is reported, from ``KNOWN_ATTACKS``: ``pgd_ce`` (PGD on
             cross-entropy), ``pgd_cw`` (PGD on the CW margin), ``autoattack``. ``ra_worst`` is the
-            per-sample worst case over all of them (and over the pathway attacks, see below).
+            per-sample worst case over all of them, the router attack, and the examples the PGD attacks
+            among them make on the stand-ins below (frozen routing, fixed pathways, soft routing), every
+            example scored on the real model (docs/evaluation.md).
         pgd_steps: PGD iterations.
         pgd_alpha: PGD step size (research code: 2/255).
         pgd_restarts: random restarts per PGD attack; the per-sample worst restart counts.
@@ -36,7 +38,8 @@ class EvalConfig:
             default). Any override shows in the variant name (``result["autoattack_variant"]``, e.g.
             ``"autoattack-fast-25it"``), which every report row of AutoAttack carries.
         router_attack_steps: steps of the router-targeted attack used for router robustness (0: skip it).
-        router_robustness: report the share of samples whose routing is unchanged under each attack.
+        router_robustness: report, per attack, the share of the attacked samples (classified correctly when
+            clean and changed by the attack, ``x_adv != x``) whose routing is unchanged.
         frozen_routing: run the PGD attacks with routing frozen to each sample's clean choice; report their
             RA on that frozen model (expert robustness alone) and re-score the same examples on the real,
             routed model (counted in ``ra_worst``).
