@@ -378,11 +378,13 @@ def test_per_layer_uniform_pathways_and_soft_surrogate_count_in_the_worst_case()
 
 def test_soft_surrogate_examples_are_scored_on_the_hard_model():
     # constant experts (no weights): expert 0 says class 0 with logit SCALE, expert 1 class 1 with 3 * SCALE.
-    # The hard model is class 0 iff m < 0.5. The soft mixture p0 * [S, 0] + p1 * [0, 3S] with the scale-1
-    # router (p0 = sigmoid(2 (0.5 - m)) < 0.75 on [0, 1]) says class 1 everywhere.
+    # The hard model is class 0 iff m < 0.5. The router's score gap is 2 |m - 0.5|, median 0.6 on this batch,
+    # so relative temperature 10 gives T = 6: p0 = sigmoid(2 (0.5 - m) / 6) < 0.75 on [0, 1], and the soft
+    # mixture p0 * [S, 0] + p1 * [0, 3S] says class 1 everywhere.
     model = brightness_moe([[[0.0, 0.0], [1.0, 0.0]], [[0.0, 0.0], [0.0, 3.0]]], SteepRouter(steepness=1.0))
     x, y = grey([0.2, 0.3, 0.8]), torch.tensor([0, 0, 1])
-    r = _quiet_evaluate(model, (x, y), cfg(frozen_routing=False, pathway_worst_case=False, router_robustness=False))
+    config = cfg(frozen_routing=False, pathway_worst_case=False, router_robustness=False, soft_routing_temperature=10)
+    r = _quiet_evaluate(model, (x, y), config)
     assert r["sa"] == pytest.approx(1.0)
     assert r["sa_soft_routing"] == pytest.approx(1 / 3)  # the surrogate misclassifies both class-0 samples
     # its examples stay within eps of 0.2, 0.3 and 0.8: the hard model classifies all of them correctly

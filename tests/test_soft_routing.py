@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from advmoe.attacks import pgd, soft_routing
+from advmoe.attacks import calibrated_temperatures, pgd, soft_routing
 from advmoe.models import create_model
-from advmoe.nn import SparseMoEConv2d, forward_with_aux, frozen_routing, moe_layers
+from advmoe.nn import Router, SparseMoEConv2d, forward_with_aux, frozen_routing, moe_layers
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -95,3 +95,36 @@ def test_bad_temperature_and_dense_models_are_refused(temperature):
         pass
     with pytest.raises(ValueError, match="SparseMoEConv2d"), soft_routing(nn.Linear(2, 2)):
         pass
+
+
+class _MeanRouter(Router):
+    """Scores [0, c * mean(x)]: the gap between the two scores is c * |mean(x)|."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.num_experts, self.c = 2, c
+
+    def forward(self, x):
+        m = x.mean(dim=(1, 2, 3))
+        return torch.stack([torch.zeros_like(m), self.c * m], dim=1)
+
+
+def test_calibrated_temperatures_follow_each_layers_median_score_gap():
+    first = SparseMoEConv2d(1, 2, 1, num_experts=2, router=_MeanRouter(2.0), bias=False)
+    second = SparseMoEConv2d(2, 2, 1, num_experts=2, router=_MeanRouter(0.0))  # gaps all 0
+    with torch.no_grad():
+        first.weight.fill_(1.0)
+    model = nn.Sequential(first, second).eval()
+    x = torch.tensor([0.1, 0.2, 0.4])[:, None, None, None].expand(3, 1, 2, 2).contiguous()
+    temps = calibrated_temperatures(model, x, relative=0.5)
+    assert temps == {"0": pytest.approx(0.5 * 2.0 * 0.2), "1": pytest.approx(0.5)}  # median gap 0.4; 0 -> relative
+    assert all("forward" not in m.__dict__ and m.track_usage for m in (first, second))
+    with torch.no_grad():
+        with soft_routing(model, {"0": 0.3, "1": 0.3}):
+            per_layer = model(x)
+        with soft_routing(model, 0.3):
+            assert torch.equal(model(x), per_layer)
+    with pytest.raises(ValueError, match="no entry for MoE layer"), soft_routing(model, {"0": 0.3}):
+        pass
+    with pytest.raises(ValueError, match="relative"):
+        calibrated_temperatures(model, x, relative=0.0)

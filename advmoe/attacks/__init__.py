@@ -15,7 +15,7 @@ from advmoe.attacks.checks import EvaluationWarning, check_black_box, check_eval
 from advmoe.attacks.losses import ce_loss, cw_margin_loss, dlr_loss, dlr_targeted_loss, kl_loss
 from advmoe.attacks.pgd import pgd
 from advmoe.attacks.router import router_attack, routing_changes
-from advmoe.attacks.soft_routing import soft_routing
+from advmoe.attacks.soft_routing import calibrated_temperatures, soft_routing
 from advmoe.attacks.square import square_attack
 from advmoe.attacks.trades import trades_pgd
 
@@ -25,6 +25,7 @@ __all__ = [
     "apgd_targeted",
     "autoattack",
     "autoattack_variant",
+    "calibrated_temperatures",
     "ce_loss",
     "check_black_box",
     "check_evaluation_setup",

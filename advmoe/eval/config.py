@@ -52,7 +52,9 @@ class EvalConfig:
         soft_routing: attack a soft-routing surrogate end to end with the PGD attacks (every MoE layer mixes
             its experts with the router's softmax, ``advmoe.attacks.soft_routing``) and score the examples
             on the real, hard-routed model (counted in ``ra_worst``).
-        soft_routing_temperature: temperature T of that softmax (``softmax(scores / T)``), > 0.
+        soft_routing_temperature: relative temperature of that softmax: per batch and MoE layer,
+            ``T = soft_routing_temperature x`` the median gap between the layer's best and second-best router
+            score on the clean batch (``advmoe.attacks.calibrated_temperatures``), > 0.
         max_samples: evaluate at most this many samples (None: all).
         batch_size: evaluation batch size (used by the CLI when it builds the loader).
         seed: seed of the attacks' random starts.
@@ -78,7 +80,7 @@ class EvalConfig:
     pathway_worst_case: bool = True
     max_pathways: int = 8
     soft_routing: bool = True
-    soft_routing_temperature: float = 1.0
+    soft_routing_temperature: float = 0.1
     max_samples: int | None = None
     batch_size: int = 128
     seed: int = 0

@@ -134,7 +134,7 @@ class _Evaluator:
         return ok
 
     def batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        from advmoe.attacks import router_attack, soft_routing
+        from advmoe.attacks import calibrated_temperatures, router_attack, soft_routing
         from advmoe.nn import frozen_routing
 
         cfg, model = self.cfg, self.model
@@ -182,7 +182,8 @@ class _Evaluator:
             self.tally.add("ra_pathway_worst", all_ok)
             worst &= all_ok
         if self.run_soft:  # attack the soft-routing surrogate end to end, score on the real (hard) model
-            with soft_routing(model, cfg.soft_routing_temperature):
+            temperatures = calibrated_temperatures(model, x, cfg.soft_routing_temperature)
+            with soft_routing(model, temperatures):
                 self.tally.add("sa_soft_routing", correct(model, x, y))
                 examples = [run_attack(name, model, x, y, cfg, self.generator) for name in self.grad_attacks]
             ok = self._rescored(examples, y, clean_ok)
@@ -214,7 +215,10 @@ class _Evaluator:
             for p in range(self.pathway_plan["count"]):
                 rows.append(_row(f"ra_pathway.{p}", grad, f"every sample on pathway {p} ({kind})", REAL_MODEL, True))
         if self.run_soft:
-            soft = f"soft-routing surrogate (softmax mix of experts, T = {self.cfg.soft_routing_temperature:g})"
+            soft = (
+                "soft-routing surrogate (softmax mix of experts, per-layer T = "
+                f"{self.cfg.soft_routing_temperature:g} x the layer's median clean gap between its top two scores)"
+            )
             rows.append(_row("ra_soft_routing", grad, soft, REAL_MODEL, True))
         return rows
 
