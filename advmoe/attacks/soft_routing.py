@@ -107,8 +107,9 @@ def calibrated_temperatures(model: nn.Module, x: torch.Tensor, relative: float =
     so at T = 1 the softmax mixes the experts almost evenly and the surrogate no longer resembles the model
     (measured on the digits study's MoE models: clean accuracy 10%, chance). Here layer l gets
     ``T_l = relative * g_l``, where ``g_l`` is the median over the batch of the gap between the best and the
-    second-best router score of layer l: a typical sample stays close to its hard choice (its chosen weight
-    is ``sigmoid(1 / relative)`` or more with E = 2), and samples near a routing boundary are mixed.
+    second-best router score of layer l: with E = 2, every sample whose gap is at least the median keeps a
+    weight of at least ``sigmoid(1 / relative)`` on its hard choice, and samples near a routing boundary are
+    mixed.
 
     Args:
         model: a model containing ``advmoe.nn.SparseMoEConv2d`` layers, in the mode it is evaluated in.
