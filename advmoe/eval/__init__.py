@@ -5,13 +5,14 @@
 """
 
 from advmoe.eval.batches import iter_batches
-from advmoe.eval.config import KNOWN_ATTACKS, EvalConfig
+from advmoe.eval.config import EVALUATION_VERSION, KNOWN_ATTACKS, EvalConfig
 from advmoe.eval.evaluate import evaluate
 from advmoe.eval.metrics import Tally, correct, make_attack, run_attack
 from advmoe.eval.report import format_result, markdown_table, mean_std, summarize
 from advmoe.eval.routing_metrics import UsageCounter, routing_of, routing_unchanged
 
 __all__ = [
+    "EVALUATION_VERSION",
     "KNOWN_ATTACKS",
     "EvalConfig",
     "Tally",

@@ -5,9 +5,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-__all__ = ["KNOWN_ATTACKS", "EvalConfig"]
+__all__ = ["EVALUATION_VERSION", "KNOWN_ATTACKS", "EvalConfig"]
 
 KNOWN_ATTACKS = ("pgd_ce", "pgd_cw", "autoattack")
+
+# Bumped when what evaluate() measures changes (2: stand-in examples re-scored on the real model and counted
+# in ra_worst for every MoE model, the soft-routing surrogate, routing kept over attacked samples, AutoAttack
+# standard with Square), so that cached results of an older evaluation are not reused (run_study's fingerprint).
+EVALUATION_VERSION = 2
 
 
 @dataclass

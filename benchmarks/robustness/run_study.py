@@ -40,7 +40,7 @@ from study_plots import plot_ra_vs_flops, plot_routing_robustness  # noqa: E402
 from study_tables import METRICS, write_table  # noqa: E402
 
 from advmoe._config import from_dict, load_yaml  # noqa: E402
-from advmoe.eval import EvalConfig, evaluate, mean_std, summarize  # noqa: E402
+from advmoe.eval import EVALUATION_VERSION, EvalConfig, evaluate, mean_std, summarize  # noqa: E402
 from advmoe.eval.metrics import autoattack_variant_of  # noqa: E402
 from advmoe.train.config import ExperimentConfig  # noqa: E402
 
@@ -112,7 +112,7 @@ def run_one(study: dict[str, Any], method: str, seed: int, work_dir: Path, fresh
     eval_cfg = from_dict(EvalConfig, study["eval"], "eval")
     run_dir = work_dir / f"{method}_seed{seed}"
     result_path = run_dir / "result.json"
-    fingerprint = {"config": cfg.to_dict(), "eval": study["eval"]}
+    fingerprint = {"config": cfg.to_dict(), "eval": study["eval"], "evaluation_version": EVALUATION_VERSION}
     if result_path.is_file() and not fresh:
         record = json.loads(result_path.read_text())
         if record.get("fingerprint") == fingerprint:
