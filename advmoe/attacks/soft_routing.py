@@ -9,6 +9,10 @@ sides of a boundary. Attack this surrogate end to end (e.g. with ``advmoe.attack
 examples on the real, hard-routed model: the surrogate is only a way to find examples, never a model
 whose accuracy counts.
 
+The temperature can be one number or one per layer: :func:`calibrated_temperatures` scales each layer's T to
+how far apart its router scores its experts on a clean batch (a fixed T suits no model; ``advmoe.eval`` uses
+the calibrated ones).
+
 For top-k with k > 1, output slot j (channels ``[j*w, (j+1)*w)``) mixes the experts with
 ``softmax(s / T)`` taken over the experts not among the hard choice's first j (a sequential soft top-k):
 as T -> 0 slot j holds exactly the hard choice's j-th expert, so the surrogate tends to the real model.
