@@ -19,7 +19,8 @@ import importlib
 
 import torch
 
-from moe_kernels.backends import BackendUnavailable
+from moe_kernels.backends.errors import BackendUnavailable
+from moe_kernels.geometry import needed_grads, output_hw, output_memory_format
 from moe_kernels.plan import RoutingPlan
 
 Pair = tuple[int, int]
@@ -35,17 +36,6 @@ def _check_rows(num_slots: int, rows_per_slot: int) -> None:
             f"backend 'triton': B*k*pixels = {num_slots * rows_per_slot} exceeds 2**31 - 1 GEMM rows; "
             "split the batch or use backend='reference'"
         )
-
-
-def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-
-
-def _like_input_format(x: torch.Tensor) -> torch.memory_format:
-    """channels_last when x is (and is not also plain contiguous), else contiguous: the op's output rule."""
-    if x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def forward(
@@ -75,11 +65,9 @@ def forward(
 
     batch, top_k = expert_idx.shape
     width = weight.shape[0] // num_experts
-    h_out, w_out = (
-        _output_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i]) for i in (0, 1)
-    )
+    h_out, w_out = output_hw(x, weight, stride, padding, dilation)
     y = torch.empty(batch, top_k * width, h_out, w_out, dtype=x.dtype, device=x.device,
-                    memory_format=_like_input_format(x))  # fmt: skip
+                    memory_format=output_memory_format(x))  # fmt: skip
     if y.numel() == 0:
         return y
     _check_rows(batch * top_k, h_out * w_out)
@@ -123,9 +111,7 @@ def backward(
     from moe_kernels._triton.dgrad import launch_dgrad
     from moe_kernels._triton.wgrad import launch_wgrad
 
-    need_x, need_w, need_b, need_g = needs
-    need_b = need_b and bias is not None
-    need_g = need_g and gate is not None
+    need_x, need_w, need_b, need_g = needed_grads(needs, bias, gate)
     batch, top_k = expert_idx.shape
     width = weight.shape[0] // num_experts
     c_in, height, wid = x.shape[1:]
@@ -189,7 +175,7 @@ def load():
             f"the Triton backend needs the `triton` package ({err}); install it with `pip install triton` "
             "(it ships with CUDA builds of torch)"
         ) from None
-    from moe_kernels.backends import triton_interpreter_enabled
+    from moe_kernels.backends import triton_interpreter_enabled  # the registry, loaded by now
 
     if not torch.cuda.is_available() and not triton_interpreter_enabled():
         raise BackendUnavailable(

@@ -6,16 +6,24 @@ A backend is a pair of functions with the reference's signatures
 plan=None)``),
 the devices it serves, and a probe that says whether it is present and, if not, how to get it.
 The arguments reaching a backend are already validated.
+
+One module per backend in this package (``reference``, ``cpu``, ``cuda``, ``triton``, ``slices``), each
+with a ``load()`` returning ``(forward, backward)`` or raising ``BackendUnavailable`` (``errors``); this
+registry imports them only when a backend is first asked for, and they import nothing from it at import
+time.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from moe_kernels.backends.errors import BackendUnavailable
 
 
 @dataclass(frozen=True)
@@ -36,39 +44,22 @@ class Backend:
     uses_plan: bool = False
 
 
-class BackendUnavailable(RuntimeError):
-    """A requested backend is not built or not usable here; the message says how to get it."""
+def _module_loader(module: str) -> Callable[[], tuple[Callable, Callable]]:
+    """``load`` of the backend module ``moe_kernels.backends.<module>``, imported on first use (so a missing
+    compiled extension or triton costs nothing until that backend is asked for)."""
 
+    def load():
+        return importlib.import_module(f"moe_kernels.backends.{module}").load()
 
-def _load_reference():
-    from moe_kernels.reference import sparse_moe_conv2d_backward_ref, sparse_moe_conv2d_ref
-
-    return sparse_moe_conv2d_ref, sparse_moe_conv2d_backward_ref
-
-
-def _load_cpu():
-    from moe_kernels import cpu_ext
-
-    return cpu_ext.load()
-
-
-def _load_cuda():
-    from moe_kernels import cuda_ext
-
-    return cuda_ext.load()
-
-
-def _load_triton():
-    from moe_kernels import triton_conv
-
-    return triton_conv.load()
+    return load
 
 
 _BACKENDS: dict[str, Backend] = {
-    "reference": Backend("reference", ("cpu", "cuda"), _load_reference, uses_plan=True),
-    "cpu": Backend("cpu", ("cpu",), _load_cpu),
-    "triton": Backend("triton", ("cuda", "cpu"), _load_triton, uses_plan=True),
-    "cuda": Backend("cuda", ("cuda",), _load_cuda),
+    "reference": Backend("reference", ("cpu", "cuda"), _module_loader("reference"), uses_plan=True),
+    "cpu": Backend("cpu", ("cpu",), _module_loader("cpu")),
+    "triton": Backend("triton", ("cuda", "cpu"), _module_loader("triton"), uses_plan=True),
+    "cuda": Backend("cuda", ("cuda",), _module_loader("cuda")),
+    "slices": Backend("slices", ("cpu", "cuda"), _module_loader("slices"), uses_plan=True),
 }
 
 # Order of preference of backend="auto" per device type, fastest first, as measured by
