@@ -179,8 +179,8 @@ def sparse_moe_conv2d(
             kernel epilogue. The op's backward masks the gradient with the saved output.
         plan: a ``moe_kernels.RoutingPlan`` built from this very ``expert_idx`` tensor and ``num_experts``
             (``RoutingPlan.build(expert_idx, E)``), shared by the layers that use the same routing; None
-            builds one here for the backends that use it (reference, triton, slices) and shares it between this
-            call's forward and backward.
+            makes the registered op build one inside, in the forward and again in the backward, for the
+            backends that use it (reference, triton, slices).
 
     Returns:
         (B, k * w, H_out, W_out), channels_last if x is channels_last.
@@ -208,8 +208,8 @@ def sparse_moe_conv2d(
                 "plan was built from another expert_idx tensor: pass the tensor it was built from, or build a "
                 "new plan with RoutingPlan.build(expert_idx, num_experts)"
             )
-    elif backend_uses_plan(name):
-        plan = RoutingPlan.build(expert_idx, num_experts)
+    # Without a plan, the registered op builds one inside for the backends that use it (opaque to tracers such
+    # as fvcore's and torch.export's, like the rest of the op).
     plan_tensors = plan.tensors() if plan is not None else []
     return _sparse_moe_conv2d_op(
         x, weight, expert_idx, gate, bias, num_experts, list(stride), list(padding), list(dilation), activation,
