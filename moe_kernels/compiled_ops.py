@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from moe_kernels.geometry import needed_grads
+
 Pair = tuple[int, int]
 
 
@@ -30,8 +32,12 @@ def forward(
     stride: Pair,
     padding: Pair,
     dilation: Pair,
+    plan=None,
 ) -> torch.Tensor:
     """Forward; arguments as in ``moe_kernels.reference.sparse_moe_conv2d_ref``.
+
+    The compiled kernels sort the routing slots themselves; ``plan`` is accepted for the backend signature and
+    not used (the CUDA kernel's own grouping is unchanged, see docs/op.md).
 
     Args:
         x: (B, C_in, H, W) fp16/bf16/fp32/fp64.
@@ -63,8 +69,11 @@ def backward(
     padding: Pair,
     dilation: Pair,
     needs: tuple[bool, bool, bool, bool],
+    plan=None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients for (x, weight, bias, gate), None where ``needs`` is False (or the input is None).
+
+    ``plan`` is accepted for the backend signature and not used.
 
     Args:
         grad_out: (B, k * w, H_out, W_out) gradient of the output.
@@ -74,8 +83,7 @@ def backward(
     Returns:
         (grad_x (B, C_in, H, W), grad_weight (E*w, C_in, kh, kw), grad_bias (E*w,), grad_gate (B, k)).
     """
-    needs = tuple(bool(n) for n in needs)
-    needs = (needs[0], needs[1], needs[2] and bias is not None, needs[3] and gate is not None)
+    needs = needed_grads(needs, bias, gate)
     grad_out, x, weight, gate, bias = _detached(grad_out, x, weight, gate, bias)
     grads = torch.ops.moe_kernels_C.sparse_moe_conv2d_bwd(
         grad_out, x, weight, expert_idx, gate, bias, num_experts, list(stride), list(padding), list(dilation),

@@ -1,4 +1,4 @@
-"""Triton kernels of ``sparse_moe_conv2d`` (the ``triton`` backend; entry point ``moe_kernels.triton_conv``).
+"""Triton kernels of ``sparse_moe_conv2d`` (the ``triton`` backend; entry point ``moe_kernels.backends.triton``).
 
 Modules: ``schedule`` (tile -> expert map, pure torch), ``common`` (shared jit helpers and launch
 settings), ``forward`` (implicit-GEMM forward), ``dgrad`` (grad wrt x and the gate), ``wgrad`` (grad wrt

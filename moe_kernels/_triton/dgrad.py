@@ -106,7 +106,7 @@ def moe_conv_dgrad_kernel(
 
 def launch_dgrad(grad_out, weight, x, gate, grad_x, grad_gate, groups, schedule, width, top_k, stride, padding,
                  dilation, dot, blocks):  # fmt: skip
-    """Launches the input-gradient kernel (arguments prepared by ``moe_kernels.triton_conv``).
+    """Launches the input-gradient kernel (arguments prepared by ``moe_kernels.backends.triton``).
 
     Args:
         grad_out: (B, k*w, H_out, W_out); weight: (E*w, C_in, kh, kw); x: (B, C_in, H, W); gate: (B, k) or None.

@@ -86,7 +86,7 @@ def moe_conv_fwd_kernel(
 
 
 def launch_forward(x, weight, bias, gate, y, groups, schedule, width, stride, padding, dilation, dot, blocks):
-    """Launches the forward kernel (arguments prepared by ``moe_kernels.triton_conv``).
+    """Launches the forward kernel (arguments prepared by ``moe_kernels.backends.triton``).
 
     Args:
         x: (B, C_in, H, W); weight: (E*w, C_in, kh, kw); bias: (E*w,) or None; gate: (B, k) or None.

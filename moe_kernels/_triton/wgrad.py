@@ -92,7 +92,7 @@ def moe_conv_wgrad_kernel(
 
 def launch_wgrad(grad_out, x, gate, grad_w, grad_b, groups, schedule, width, kernel_size, stride, padding, dilation,
                  dot, blocks):  # fmt: skip
-    """Launches the weight/bias-gradient kernel (arguments prepared by ``moe_kernels.triton_conv``).
+    """Launches the weight/bias-gradient kernel (arguments prepared by ``moe_kernels.backends.triton``).
 
     Args:
         grad_out: (B, k*w, H_out, W_out); x: (B, C_in, H, W); gate: (B, k) or None.

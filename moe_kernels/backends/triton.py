@@ -1,10 +1,12 @@
 """The ``triton`` backend of ``sparse_moe_conv2d``: launchers of the kernels in ``moe_kernels._triton``.
 
 Design: the B*k routing slots are sorted by expert; every GEMM row (an output pixel of a slot in the
-forward and the weight gradient, an input pixel in the input gradient) then belongs to one expert, and
-``build_tile_schedule`` cuts each expert's rows into tiles padded only at expert boundaries. A program
-multiplies one tile by ONE expert's weight slice (implicit GEMM, im2col gathered on the fly from any
-strides), so the work scales with k / E. Neither the forward nor the backward synchronises with the
+forward and the weight gradient, an input pixel in the input gradient) then belongs to one expert. The
+``RoutingPlan`` (shared by the layers of one routing) holds that order and, per geometry, the tile table
+(``moe_kernels._triton.schedule.build_tile_schedule``) that cuts each expert's rows into tiles padded only
+at expert boundaries. A program multiplies one tile by ONE expert's weight slice (implicit GEMM, im2col
+gathered on the fly from any strides), so the work scales with k / E. Neither the forward nor the backward
+synchronises with the
 host: the grid size is an upper bound of the tiles, spare tiles exit at once.
 
 Accumulation is fp32 (fp64 for fp64 inputs), results come back in the input dtype. The weight, bias
@@ -17,23 +19,11 @@ import importlib
 
 import torch
 
-from moe_kernels.backends import BackendUnavailable
+from moe_kernels.backends.errors import BackendUnavailable
+from moe_kernels.geometry import needed_grads, output_hw, output_memory_format
+from moe_kernels.plan import RoutingPlan
 
 Pair = tuple[int, int]
-
-
-def _sorted_slots(expert_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sorted (sample, slot) of the B*k routing slots and per-expert counts, without a host sync.
-
-    Returns:
-        sample (B*k,) int64, slot (B*k,) int64, counts (E,) int64.
-    """
-    top_k = expert_idx.shape[1]
-    flat = expert_idx.reshape(-1).to(torch.int64)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))  # bincount would sync on CUDA
-    return order // top_k, order % top_k, counts
 
 
 _MAX_ROWS = 2**31 - 1
@@ -48,17 +38,6 @@ def _check_rows(num_slots: int, rows_per_slot: int) -> None:
         )
 
 
-def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-
-
-def _like_input_format(x: torch.Tensor) -> torch.memory_format:
-    """channels_last when x is (and is not also plain contiguous), else contiguous: the op's output rule."""
-    if x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -69,34 +48,33 @@ def forward(
     stride: Pair,
     padding: Pair,
     dilation: Pair,
+    plan: RoutingPlan | None = None,
 ) -> torch.Tensor:
     """Forward of the op on the Triton kernels (arguments validated by the op).
 
     Args:
         x: (B, C_in, H, W); weight: (E*w, C_in, kh, kw); expert_idx: (B, k) int64; num_experts: E;
         gate: (B, k) or None; bias: (E*w,) or None; stride, padding, dilation: int pairs.
+        plan: the ``RoutingPlan`` of expert_idx (its sorted slots and cached tile tables), or None to build one.
 
     Returns:
         y: (B, k*w, H_out, W_out) in x's dtype, channels_last when x is.
     """
     from moe_kernels._triton.common import dot_settings, gemm_blocks
     from moe_kernels._triton.forward import launch_forward
-    from moe_kernels._triton.schedule import build_tile_schedule
 
     batch, top_k = expert_idx.shape
     width = weight.shape[0] // num_experts
-    h_out, w_out = (
-        _output_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i]) for i in (0, 1)
-    )
+    h_out, w_out = output_hw(x, weight, stride, padding, dilation)
     y = torch.empty(batch, top_k * width, h_out, w_out, dtype=x.dtype, device=x.device,
-                    memory_format=_like_input_format(x))  # fmt: skip
+                    memory_format=output_memory_format(x))  # fmt: skip
     if y.numel() == 0:
         return y
     _check_rows(batch * top_k, h_out * w_out)
-    sample, slot, counts = _sorted_slots(expert_idx, num_experts)
+    plan = plan if plan is not None else RoutingPlan.build(expert_idx, num_experts)
     blocks = gemm_blocks(width, x.dtype, batch * top_k * h_out * w_out, x.device)
-    schedule = build_tile_schedule(counts, batch * top_k, h_out * w_out, blocks.block_m)
-    launch_forward(x, weight, bias, gate, y, (sample, slot), schedule, width, stride, padding, dilation,
+    schedule = plan.tile_schedule(h_out * w_out, blocks.block_m)
+    launch_forward(x, weight, bias, gate, y, (plan.sample, plan.slot), schedule, width, stride, padding, dilation,
                    dot_settings(x.dtype), blocks)  # fmt: skip
     return y
 
@@ -113,6 +91,7 @@ def backward(
     padding: Pair,
     dilation: Pair,
     needs: tuple[bool, bool, bool, bool],
+    plan: RoutingPlan | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Backward of the op on the Triton kernels.
 
@@ -120,6 +99,7 @@ def backward(
         grad_out: (B, k*w, H_out, W_out) gradient of the output (any strides).
         x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation: as in ``forward``.
         needs: which of (x, weight, bias, gate) need a gradient.
+        plan: the ``RoutingPlan`` of expert_idx, or None to build one.
 
     Returns:
         (grad_x (B, C_in, H, W), grad_weight (E*w, C_in, kh, kw), grad_bias (E*w,), grad_gate (B, k)),
@@ -129,12 +109,9 @@ def backward(
 
     from moe_kernels._triton.common import acc_torch_dtype, dot_settings, gemm_blocks, wgrad_blocks, wgrad_chunk
     from moe_kernels._triton.dgrad import launch_dgrad
-    from moe_kernels._triton.schedule import build_tile_schedule
     from moe_kernels._triton.wgrad import launch_wgrad
 
-    need_x, need_w, need_b, need_g = needs
-    need_b = need_b and bias is not None
-    need_g = need_g and gate is not None
+    need_x, need_w, need_b, need_g = needed_grads(needs, bias, gate)
     batch, top_k = expert_idx.shape
     width = weight.shape[0] // num_experts
     c_in, height, wid = x.shape[1:]
@@ -150,10 +127,10 @@ def backward(
     if batch * top_k > 0 and grad_out.numel() > 0 and x.numel() > 0:
         grad_out = grad_out.to(x.dtype)
         _check_rows(batch * top_k, max(height * wid, grad_out.shape[2] * grad_out.shape[3]))
-        sample, slot, counts = _sorted_slots(expert_idx, num_experts)
+        plan = plan if plan is not None else RoutingPlan.build(expert_idx, num_experts)
         if need_x or need_g:
             blocks = gemm_blocks(c_in, x.dtype, batch * top_k * height * wid, x.device)
-            schedule = build_tile_schedule(counts, batch * top_k, height * wid, blocks.block_m)
+            schedule = plan.tile_schedule(height * wid, blocks.block_m)
             direct = top_k == 1
             if not need_x:
                 gx_target = None
@@ -161,7 +138,7 @@ def backward(
                 gx_target = grad_x
             else:
                 gx_target = torch.empty(batch, top_k, c_in, height, wid, dtype=acc_dtype, device=x.device)
-            launch_dgrad(grad_out, weight, x, gate, gx_target, grad_g, (sample, slot), schedule, width, top_k,
+            launch_dgrad(grad_out, weight, x, gate, gx_target, grad_g, (plan.sample, plan.slot), schedule, width, top_k,
                          stride, padding, dilation, dot, blocks)  # fmt: skip
             if need_x and not direct:
                 grad_x = gx_target.sum(1).to(x.dtype)
@@ -170,8 +147,8 @@ def backward(
             rows_per_slot = grad_out.shape[2] * grad_out.shape[3]
             col_programs = triton.cdiv(width, blocks.block_n) * triton.cdiv(weight[0].numel(), blocks.block_k)
             chunk = wgrad_chunk(batch * top_k * rows_per_slot, blocks.block_m, col_programs, x.device)
-            schedule = build_tile_schedule(counts, batch * top_k, rows_per_slot, chunk)
-            launch_wgrad(grad_out, x, gate, grad_w, grad_b, (sample, slot), schedule, width, weight.shape[2:],
+            schedule = plan.tile_schedule(rows_per_slot, chunk)
+            launch_wgrad(grad_out, x, gate, grad_w, grad_b, (plan.sample, plan.slot), schedule, width, weight.shape[2:],
                          stride, padding, dilation, dot, blocks)  # fmt: skip
     if need_g and bias is not None:
         # <g, bias> term of the gate gradient: sum over the slot's channels of bias * spatial sum of g.
@@ -198,7 +175,7 @@ def load():
             f"the Triton backend needs the `triton` package ({err}); install it with `pip install triton` "
             "(it ships with CUDA builds of torch)"
         ) from None
-    from moe_kernels.backends import triton_interpreter_enabled
+    from moe_kernels.backends import triton_interpreter_enabled  # the registry, loaded by now
 
     if not torch.cuda.is_available() and not triton_interpreter_enabled():
         raise BackendUnavailable(

@@ -1,20 +1,29 @@
 """Registry of ``sparse_moe_conv2d`` backends and the ``backend="auto"`` choice.
 
 A backend is a pair of functions with the reference's signatures
-(``forward(x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation) -> y`` and
-``backward(grad_out, x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation, needs)``),
+(``forward(x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation, plan=None) -> y`` and
+``backward(grad_out, x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation, needs,
+plan=None)``),
 the devices it serves, and a probe that says whether it is present and, if not, how to get it.
 The arguments reaching a backend are already validated.
+
+One module per backend in this package (``reference``, ``cpu``, ``cuda``, ``triton``, ``slices``), each
+with a ``load()`` returning ``(forward, backward)`` or raising ``BackendUnavailable`` (``errors``); this
+registry imports them only when a backend is first asked for, and they import nothing from it at import
+time.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from moe_kernels.backends.errors import BackendUnavailable
 
 
 @dataclass(frozen=True)
@@ -25,46 +34,32 @@ class Backend:
         name: the string users pass as ``backend=``.
         devices: device types it runs on ("cpu", "cuda").
         load: returns ``(forward, backward)``; raises ``BackendUnavailable`` with a how-to if absent.
+        uses_plan: whether its functions use the ``RoutingPlan`` passed as ``plan=`` (the op then builds one
+            when the caller passed none); the compiled cpu/cuda kernels group the slots themselves.
     """
 
     name: str
     devices: tuple[str, ...]
     load: Callable[[], tuple[Callable, Callable]]
+    uses_plan: bool = False
 
 
-class BackendUnavailable(RuntimeError):
-    """A requested backend is not built or not usable here; the message says how to get it."""
+def _module_loader(module: str) -> Callable[[], tuple[Callable, Callable]]:
+    """``load`` of the backend module ``moe_kernels.backends.<module>``, imported on first use (so a missing
+    compiled extension or triton costs nothing until that backend is asked for)."""
 
+    def load():
+        return importlib.import_module(f"moe_kernels.backends.{module}").load()
 
-def _load_reference():
-    from moe_kernels.reference import sparse_moe_conv2d_backward_ref, sparse_moe_conv2d_ref
-
-    return sparse_moe_conv2d_ref, sparse_moe_conv2d_backward_ref
-
-
-def _load_cpu():
-    from moe_kernels import cpu_ext
-
-    return cpu_ext.load()
-
-
-def _load_cuda():
-    from moe_kernels import cuda_ext
-
-    return cuda_ext.load()
-
-
-def _load_triton():
-    from moe_kernels import triton_conv
-
-    return triton_conv.load()
+    return load
 
 
 _BACKENDS: dict[str, Backend] = {
-    "reference": Backend("reference", ("cpu", "cuda"), _load_reference),
-    "cpu": Backend("cpu", ("cpu",), _load_cpu),
-    "triton": Backend("triton", ("cuda", "cpu"), _load_triton),
-    "cuda": Backend("cuda", ("cuda",), _load_cuda),
+    "reference": Backend("reference", ("cpu", "cuda"), _module_loader("reference"), uses_plan=True),
+    "cpu": Backend("cpu", ("cpu",), _module_loader("cpu")),
+    "triton": Backend("triton", ("cuda", "cpu"), _module_loader("triton"), uses_plan=True),
+    "cuda": Backend("cuda", ("cuda",), _module_loader("cuda")),
+    "slices": Backend("slices", ("cpu", "cuda"), _module_loader("slices"), uses_plan=True),
 }
 
 # Order of preference of backend="auto" per device type, fastest first, as measured by
@@ -104,6 +99,11 @@ def get_backend(name: str) -> tuple[Callable, Callable]:
         raise
     _loaded[name] = fns
     return fns
+
+
+def backend_uses_plan(name: str) -> bool:
+    """Whether backend ``name`` (a concrete one, not "auto") takes a ``RoutingPlan``."""
+    return _BACKENDS[name].uses_plan if name in _BACKENDS else False
 
 
 def is_available(name: str) -> bool:
