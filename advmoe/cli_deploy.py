@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 __all__ = ["add_subcommands", "convert_checkpoint"]
@@ -26,7 +27,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("checkpoint", help="checkpoint of `advmoe train`, or of the research code (needs --arch)")
     p.add_argument("--out", required=True, help="deployed model file to write (load with advmoe.deploy.load_deployed)")
-    p.add_argument("--mode", default="auto", choices=("auto", "pathway", "layer"), help="deployed form (default auto)")
+    p.add_argument("--mode", default="auto", choices=("auto", "pathway", "grouped", "layer"),
+                   help="deployed form (default auto: measured, see advmoe.deploy.to_sparse)")  # fmt: skip
     p.add_argument("--export", help="also write a torch.export program (.pt2) with a dynamic batch dimension")
     p.add_argument("--arch", help="research-code checkpoint: architecture, e.g. resnet18_cifar")
     p.add_argument("--num-experts", type=int, default=2, help="research-code checkpoint: E (default 2)")
@@ -56,6 +58,15 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
         "--clock", default="wall", choices=("wall", "thread"),
         help="wall: latency (default); thread: CPU time of one thread (1 thread), for machines shared with other jobs",
     )  # fmt: skip
+    p.add_argument("--router", default="research", choices=("research", "per_layer"),
+                   help="MoE routers: one model-level research router (default) or per-layer routers")  # fmt: skip
+    p.add_argument("--variants", nargs="+", help="variants to run (default all; e.g. dense deployed ideal router)")
+    p.add_argument(
+        "--execution",
+        default="eager",
+        choices=("eager", "graph", "compile"),
+        help="every variant eager (default), CUDA-graph captured (GPU), torch.compile reduce-overhead",
+    )
     p.add_argument("--out", help="output folder (default benchmarks/results/<device-slug>)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.set_defaults(func=_run_bench)
@@ -151,7 +162,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     results = run_benchmark(
         models=args.models, batches=args.batch, device=args.device, dtype=args.dtype, ratio=args.ratio,
         num_experts=args.num_experts, warmup=args.warmup, repeats=args.repeats, budget_s=args.budget,
-        backends=args.backends, quick=args.quick, clock=args.clock,
+        backends=args.backends, quick=args.quick, clock=args.clock, router=args.router, variants=args.variants,
+        execution=args.execution, command="advmoe " + " ".join(sys.argv[1:]),
     )  # fmt: skip
     out = args.out or str(Path("benchmarks") / "results" / results["device_slug"])
     paths = write_results(results, out, plot=not args.no_plot)
