@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 __all__ = ["add_subcommands", "convert_checkpoint"]
@@ -151,6 +150,22 @@ def _run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_line(name: str, args: argparse.Namespace) -> str:
+    """The ``advmoe`` command equivalent to the parsed arguments (recorded with the results)."""
+    parts = ["advmoe", name]
+    for key, value in vars(args).items():
+        if key in ("func", "command") or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            parts.append(flag)
+        elif isinstance(value, (list, tuple)):
+            parts += [flag, *map(str, value)]
+        else:
+            parts += [flag, str(value)]
+    return " ".join(parts)
+
+
 def _run_bench(args: argparse.Namespace) -> int:
     import torch
 
@@ -163,7 +178,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         models=args.models, batches=args.batch, device=args.device, dtype=args.dtype, ratio=args.ratio,
         num_experts=args.num_experts, warmup=args.warmup, repeats=args.repeats, budget_s=args.budget,
         backends=args.backends, quick=args.quick, clock=args.clock, router=args.router, variants=args.variants,
-        execution=args.execution, command="advmoe " + " ".join(sys.argv[1:]),
+        execution=args.execution, command=_command_line("bench", args),
     )  # fmt: skip
     out = args.out or str(Path("benchmarks") / "results" / results["device_slug"])
     paths = write_results(results, out, plot=not args.no_plot)

@@ -103,7 +103,7 @@ def balance_per_layer_routers(model: nn.Module, x: torch.Tensor) -> None:
     handles = []
 
     def calibrate(router, inputs):
-        scores = router(inputs[0]).double()
+        scores = router.forward(inputs[0]).double()  # forward(), not __call__: this hook would recurse
         half = scores.shape[0] // 2
         if half < 1:
             return
@@ -153,8 +153,9 @@ def build_variants(
     Args:
         router: "research" (one model-level ResNet-20 router) or "per_layer" (one pool+linear router per
             MoE layer).
-        variants: names to keep (default: all of dense, masked, sparse[...], deployed, deployed[pathway],
-            deployed[grouped], deployed[layer], ideal, router).
+        variants: names to keep (default: all of dense, masked, sparse[...] ("sparse" selects every backend),
+            deployed (auto mode), deployed[pathway], deployed[grouped], deployed[layer] (those the auto row is
+            not), ideal, router).
 
     Returns:
         (name -> module, the MoE model).
@@ -183,7 +184,7 @@ def build_variants(
     want = set(variants) if variants is not None else None
 
     def wanted(key: str) -> bool:
-        return want is None or key in want or key.split("[")[0] in want
+        return want is None or key in want or (key.startswith("sparse[") and "sparse" in want)
 
     out: dict[str, nn.Module] = {}
     dense = dense.to(device=device, dtype=dtype).eval()

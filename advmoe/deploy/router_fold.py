@@ -10,9 +10,32 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from advmoe.nn import Router
+from advmoe.nn import ResearchRouter, Router
+
+
+class FusedResearchRouter(ResearchRouter):
+    """A BatchNorm-folded ``ResearchRouter`` with a flat forward: ``conv2d`` (folded bias) + in-place ReLU,
+    shortcut add in place, no submodule calls (their Python cost is a quarter of the router's time at B = 1).
+
+    Same parameters and state-dict names as the folded router (the BatchNorms are ``nn.Identity``); same
+    scores, operation for operation.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Scores (B, E) for images x (B, C, H, W)."""
+        stem = self.conv1
+        out = F.conv2d(x, stem.weight, stem.bias, stem.stride, stem.padding).relu_()
+        for stage in (self.layer1, self.layer2, self.layer3):
+            for block in stage:
+                c1, c2 = block.conv1, block.conv2
+                y = F.conv2d(out, c1.weight, c1.bias, c1.stride, c1.padding).relu_()
+                y = F.conv2d(y, c2.weight, c2.bias, c2.stride, c2.padding)
+                shortcut = F.pad(out[:, :, ::2, ::2], (0, 0, 0, 0, *block.channel_pad)) if block.pad_shortcut else out
+                out = y.add_(shortcut).relu_()
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
 @torch.no_grad()
@@ -20,7 +43,8 @@ def fold_router(router: Router, example: torch.Tensor) -> Router:
     """A copy of ``router`` with every BatchNorm2d that alone follows a convolution folded into it.
 
     The ResearchRouter's 19 conv -> BatchNorm pairs become 19 convolutions with bias; ReLUs, the
-    parameter-free shortcuts, the pooling and the linear head are unchanged. A router without BatchNorm
+    parameter-free shortcuts, the pooling and the linear head are unchanged; the result is a
+    ``FusedResearchRouter`` (flat forward, in-place ReLU and shortcut add). A router without BatchNorm
     (``PerLayerRouter``) comes back as an unchanged copy.
 
     Args:
@@ -36,6 +60,8 @@ def fold_router(router: Router, example: torch.Tensor) -> Router:
     folded = copy.deepcopy(router).eval()
     if any(isinstance(m, nn.BatchNorm2d) for m in folded.modules()):
         fold_batchnorms(folded, example, include_routers=True)
+    if type(folded) is ResearchRouter and not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules()):
+        folded.__class__ = FusedResearchRouter
     return folded
 
 
