@@ -215,7 +215,7 @@ def test_load_deployed_rejects_other_files(tmp_path):
         save_deployed(nn.Linear(2, 2), tmp_path / "y.pt")
 
 
-@pytest.mark.parametrize("mode", ["pathway", "layer"])  # grouped reads counts on the host: eager only
+@pytest.mark.parametrize("mode", ["pathway", "grouped", "layer"])
 def test_torch_export_round_trip(tmp_path, mode):
     model = _moe("resnet10_mini")
     x = _images(6)
@@ -356,7 +356,7 @@ def test_captured_model_replays_from_static_buffers():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("mode", ["pathway", "dense"])
+@pytest.mark.parametrize("mode", ["pathway", "grouped", "dense"])
 def test_cuda_graph_capture_matches_eager(mode):
     from advmoe.deploy import capture
 
@@ -368,7 +368,7 @@ def test_cuda_graph_capture_matches_eager(mode):
     x = _images(8).cuda()
     if mode != "dense":
         balance_router(model, x)
-    deployed = to_sparse(model, mode="pathway" if mode != "dense" else "auto", example_input=x[:2])
+    deployed = to_sparse(model, mode=mode if mode != "dense" else "auto", example_input=x[:2])
     captured = capture(deployed, 8, torch.float32, channels_last=True)
     xc = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
@@ -377,3 +377,30 @@ def test_cuda_graph_capture_matches_eager(mode):
         captured(xc.half())
     with pytest.raises(ValueError, match="device"):
         captured(xc.cpu())
+
+
+def test_sync_free_capture_forms_match_eager_forms():
+    """The forms used while a CUDA graph is captured (all experts / pathways, select per sample) are exact."""
+    model = _moe("resnet10_mini")
+    x = _images(6)
+    balance_router(model, x)
+    deployed = to_sparse(model, mode="pathway")
+    with torch.no_grad():
+        choice = deployed.route(x)
+        xn = deployed.normalize(x)
+        _assert_close(deployed._select_forward(xn, choice), deployed(x), atol=1e-6)
+    layer = next(m for m in to_sparse(_moe("resnet10_mini", router="per_layer")).modules()
+                 if isinstance(m, RoutedExpertConv2d))  # fmt: skip
+    feats = torch.randn(5, layer.in_channels, 9, 9)
+    with torch.no_grad():
+        choice = layer.router(feats).argmax(1)
+        rows = [layer._expert_conv(feats[i : i + 1], int(choice[i])) for i in range(5)]
+        _assert_close(layer._select_conv(feats, choice), torch.cat(rows), atol=1e-5)
+    grouped = to_sparse(model, mode="grouped")
+    with torch.no_grad():
+        eager = grouped(x)
+        grouped.groups.choice = grouped.route(x)
+        try:
+            _assert_close(grouped.network(grouped.normalize(x)), eager, atol=1e-5)
+        finally:
+            grouped.groups.choice = None

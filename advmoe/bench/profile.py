@@ -70,6 +70,42 @@ def profile_forward(model: nn.Module, x: torch.Tensor, calls: int = 30, rows: in
     }
 
 
+@torch.inference_mode()
+def count_kernels(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """GPU kernels launched and host<->device synchronisations in ONE forward (after two warm-up calls).
+
+    Args:
+        model: a CUDA model (eager, or a ``CapturedModel``: then the graph replay is one launch).
+        x: its CUDA input.
+
+    Returns:
+        {"kernels": device kernel launches, "syncs": cudaStreamSynchronize / cudaDeviceSynchronize /
+        cudaMemcpy(Async) device-to-host calls seen by the profiler, "graph_launches": cudaGraphLaunch calls}.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        model(x)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        model(x)
+        torch.cuda.synchronize()
+    kernels = syncs = graphs = 0
+    for e in prof.events():
+        name = e.name
+        if (
+            e.device_type == torch.autograd.DeviceType.CUDA
+            and "memcpy" not in name.lower()
+            and "memset" not in name.lower()
+        ):
+            kernels += 1
+        elif name in ("cudaStreamSynchronize", "cudaDeviceSynchronize") or name.startswith("cudaMemcpy"):
+            syncs += 1
+        elif name.startswith("cudaGraphLaunch"):
+            graphs += 1
+    return {"kernels": kernels, "syncs": max(syncs - 1, 0), "graph_launches": graphs}  # minus our own final sync
+
+
 def main(argv: list[str] | None = None) -> int:
     """Prints the B=1 profile of the deployed ResNet-18 and its parts (router, dense model for reference)."""
     from advmoe.bench.models import build_variants

@@ -5,10 +5,10 @@ writing a static output buffer; each call copies the input in, replays the graph
 network) and returns a copy of the output. An input of another shape, dtype, device or memory layout is
 refused with a ``ValueError`` naming what differs: the graph would otherwise read stale buffers.
 
-What can be captured: dense models, ``PathwayMoE`` (while capturing it runs every pathway on the whole
-batch and selects per sample, because the grouped schedule needs the per-expert counts on the host: E times
-the pathway compute; unmeasured on a GPU so far) and layer-mode models whose op backend is sync-free.
-``GroupedMoE`` reads the counts on the host and refuses to be captured with a clear error.
+What can be captured: dense models; ``PathwayMoE``, ``GroupedMoE`` and per-layer-router models
+(``RoutedExpertConv2d``): while capturing they run every pathway / expert on the whole batch and select per
+sample, because their grouped schedule reads the per-expert counts on the host (E times the MoE compute;
+unmeasured on a GPU so far); layer-mode models only if their op backend is sync-free.
 """
 
 from __future__ import annotations

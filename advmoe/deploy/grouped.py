@@ -4,6 +4,10 @@ router -> sort the batch by expert (one argsort, one host read of the E counts) 
 layers (``GroupedExpertConv2d``) run each expert's ``conv2d`` on its contiguous slice of the sorted batch
 -> un-permute the logits. Dense layers (stem, shortcuts, head, folded BatchNorms) do not care about the
 order, so they run once on the full batch: full-batch convolutions instead of E half-batch networks.
+
+Under torch.export / torch.compile and while a CUDA graph is captured the counts cannot be read on the host;
+the MoE layers then run every expert on the whole batch and keep each sample's own (E times the MoE FLOPs,
+exact logits) until a sync-free grouped kernel (the routing plan) takes that path over.
 """
 
 from __future__ import annotations
@@ -48,11 +52,15 @@ class GroupedMoE(nn.Module):
         if self.normalize is not None:
             x = self.normalize(x)
         choice = self.router(x).argmax(dim=1)
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                "GroupedMoE reads the per-expert counts on the host, which a CUDA graph capture forbids; "
-                "capture the pathway form (to_sparse(model, mode='pathway')) instead"
-            )
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        if capturing or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            # No host read of the counts allowed: every expert on the whole batch, each sample keeps its own.
+            self.groups.choice = choice
+            try:
+                return self.network(x)
+            finally:
+                self.groups.choice = None
+        self.groups.choice = None
         counts = torch.bincount(choice, minlength=self.num_experts).tolist()  # the one host sync per forward
         if x.shape[0] == 0 or max(counts) == x.shape[0]:
             self.groups.counts = counts

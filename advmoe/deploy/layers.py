@@ -96,13 +96,33 @@ class RoutedExpertConv2d(FusedMoEConv2d):
         bias = self.bias[rows] if self.bias is not None else None
         return F.conv2d(x, self.weight[rows], bias, self.stride, self.padding, self.dilation)
 
+    def _select_conv(self, x: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+        """Sync-free form for CUDA graphs: all E experts on the whole batch, each sample keeps its own."""
+        return _select_experts(self, x, choice)
+
     def forward(self, x: torch.Tensor, routing=None) -> torch.Tensor:
         """x (B, C_in, H, W) -> (B, w, H_out, W_out), then the fused activation."""
         if not self._fast(routing) or x.shape[0] == 0:
             return super().forward(x, routing)
         choice = self.router(x).argmax(dim=1)
-        y = self._expert_conv(x, int(choice[0])) if x.shape[0] == 1 else _grouped_conv(self, x, choice)
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            y = self._select_conv(x, choice)  # no host sync allowed while a CUDA graph is captured
+        elif x.shape[0] == 1:
+            y = self._expert_conv(x, int(choice[0]))
+        else:
+            y = _grouped_conv(self, x, choice)
         return torch.relu_(y) if self.activation == "relu" else y
+
+
+def _select_experts(layer: FusedMoEConv2d, x: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+    """All E experts of ``layer`` on the whole batch x, then each sample's own expert (choice (B,)): no host sync.
+
+    E times the FLOPs of the sparse form: the form for tracing and CUDA-graph capture until a sync-free grouped
+    kernel takes over.
+    """
+    y = F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation)
+    y = y.view(y.shape[0], layer.num_experts, layer.expert_width, *y.shape[2:])
+    return y[torch.arange(y.shape[0], device=y.device), choice]
 
 
 def _grouped_conv(layer: RoutedExpertConv2d, x: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
@@ -129,9 +149,12 @@ class GroupRanges:
 
     Attributes:
         counts: samples per expert, in expert order (the sorted batch holds expert 0's samples first).
+        choice: None, or (B,) expert per sample of an UNSORTED batch: the sync-free form used under
+            torch.export / torch.compile and CUDA-graph capture (every expert on the whole batch, select).
     """
 
     counts: list[int] = field(default_factory=list)
+    choice: torch.Tensor | None = None
 
 
 class GroupedExpertConv2d(FusedMoEConv2d):
@@ -149,6 +172,9 @@ class GroupedExpertConv2d(FusedMoEConv2d):
 
     def forward(self, x: torch.Tensor, routing=None) -> torch.Tensor:
         """x (B, C_in, H, W), sorted by expert -> (B, w, H_out, W_out) in the same order."""
+        if self.groups is not None and self.groups.choice is not None:
+            y = _select_experts(self, x, self.groups.choice)
+            return torch.relu_(y) if self.activation == "relu" else y
         if self.groups is None or sum(self.groups.counts) != x.shape[0]:
             raise RuntimeError(
                 "GroupedExpertConv2d runs inside a GroupedMoE, which sets the per-expert counts of the sorted batch"
