@@ -38,10 +38,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=20.0, help="seconds per (model, batch) in each process")
     p.add_argument("--device-name", default=None, help="results folder name (default: the bench's device slug)")
     p.add_argument("--routers", nargs="+", default=["research", "per_layer"], choices=["research", "per_layer"])
+    p.add_argument("--aggregate-only", action="store_true",
+                   help="run nothing: rebuild claims.json from the run files already in the results folder")  # fmt: skip
     args = p.parse_args(argv)
     root = Path(__file__).resolve().parent.parent
     runs: dict[str, list[dict]] = {}
-    for router in args.routers:
+    if args.aggregate_only:
+        folder = root / "benchmarks" / "results" / (args.device_name or "")
+        for router in args.routers:
+            files = sorted(folder.glob(f"models_bench_{router}_run*.json"))
+            if files:
+                runs[router] = [json.loads(f.read_text()) for f in files]
+        if not runs:
+            p.error(f"no models_bench_<router>_run*.json in {folder} (pass --device-name)")
+    for router in [] if args.aggregate_only else args.routers:
         for i in range(args.runs):
             with tempfile.TemporaryDirectory() as tmp:
                 cmd = [sys.executable, "-m", "advmoe", "bench", "--models", "resnet18_cifar", "--batch", "1", "64",
@@ -51,13 +61,15 @@ def main(argv: list[str] | None = None) -> int:
                 subprocess.run(cmd, cwd=root, check=True, stdout=subprocess.DEVNULL)
                 runs.setdefault(router, []).append(json.loads((Path(tmp) / "models_bench.json").read_text()))
     first = next(iter(runs.values()))[0]
+    commits = {r["provenance"]["commit"] for rs in runs.values() for r in rs}
     device = args.device_name or first["device_slug"]
     out = root / "benchmarks" / "results" / device
     out.mkdir(parents=True, exist_ok=True)
     claims = []
     for router, results in runs.items():
         for i, r in enumerate(results):
-            (out / f"models_bench_{router}_run{i}.json").write_text(json.dumps(r, indent=1) + "\n")
+            if not args.aggregate_only:
+                (out / f"models_bench_{router}_run{i}.json").write_text(json.dumps(r, indent=1) + "\n")
         for batch, target in TARGETS.items():
             ratios = [row["vs_dense"] for r in results for row in r["models"][0]["latency"]
                       if row["variant"] == "deployed" and row["batch"] == batch]  # fmt: skip
@@ -69,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                 "source": f"benchmarks/results/{device}/models_bench_{router}_run*.json (deployed modes {modes}; "
                 f"{args.threads} threads; median of per-process medians over {len(ratios)} processes)",
             })  # fmt: skip
-    doc = {"commit": first["provenance"]["commit"], "dirty": first["provenance"]["dirty"], "device": first["device"],
+    doc = {"commit": first["provenance"]["commit"] if len(commits) == 1 else sorted(commits),
+           "dirty": any(r["provenance"]["dirty"] for rs in runs.values() for r in rs), "device": first["device"],
            "command": "python benchmarks/cpu_claims.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "claims": claims}  # fmt: skip
     (out / "claims.json").write_text(json.dumps(doc, indent=1) + "\n")
