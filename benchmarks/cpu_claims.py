@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device-name", default=None, help="results folder name (default: the bench's device slug)")
     p.add_argument("--routers", nargs="+", default=["research", "per_layer"], choices=["research", "per_layer"])
     p.add_argument("--aggregate-only", action="store_true",
-                   help="run nothing: rebuild claims.json from the run files already in the results folder")  # fmt: skip
+                   help="run nothing: rebuild claims.json from the stored run files")  # fmt: skip
     args = p.parse_args(argv)
     root = Path(__file__).resolve().parent.parent
     runs: dict[str, list[dict]] = {}
