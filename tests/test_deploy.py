@@ -404,3 +404,15 @@ def test_sync_free_capture_forms_match_eager_forms():
             _assert_close(grouped.network(grouped.normalize(x)), eager, atol=1e-5)
         finally:
             grouped.groups.choice = None
+
+
+def test_convert_checkpoint_reports_mode_reason_and_near_ties(tmp_path):
+    from advmoe.cli_deploy import convert_checkpoint
+
+    source = _moe("resnet18_cifar", ratio=0.125, normalize=([0.49, 0.48, 0.45], [0.25, 0.24, 0.26]))
+    balance_router(source, _images(8, seed=0))
+    torch.save(_research_format(source), tmp_path / "research.pth")
+    path = str(tmp_path / "research.pth")
+    _, deployed, report = convert_checkpoint(path, mode="grouped", arch="resnet18_cifar", ratio=0.125)
+    assert report["mode"] == "grouped" and report["reason"] == "grouped: requested"
+    assert report["near_ties"] == 0 and report["max_rel_diff"] <= 1e-4 and report["argmax_agree"]
