@@ -77,12 +77,18 @@ def test_bench_quick_writes_json_md_png(quick_bench):
     assert {"device", "device_slug", "settings", "created", "models"} <= set(results)
     assert results["settings"]["quick"] is True and results["settings"]["dtype"] == "fp32"
     (entry,) = results["models"]
-    assert entry["model"] == "resnet10_mini" and entry["deploy_mode"] == "pathway"
+    assert entry["model"] == "resnet10_mini" and entry["deploy_mode"] in ("pathway", "grouped")
+    assert entry["deploy_reason"].startswith("auto: ")
+    assert results["provenance"]["commit"] and results["provenance"]["command"].startswith("advmoe bench")
+    assert "BatchNorm folded" in results["settings"]["treatment"] and results["settings"]["execution"] == "eager"
     flops = entry["flops_g"]
-    assert set(flops) == {"dense", "masked", "sparse", "deployed", "ideal"}
-    assert flops["deployed"] <= flops["sparse"] < flops["masked"]  # folded BN; only active channels executed
+    other = "grouped" if entry["deploy_mode"] == "pathway" else "pathway"
+    forms = {"deployed", f"deployed[{other}]", "deployed[layer]"}
+    assert set(flops) == {"dense", "masked", "sparse", "ideal", "router", *forms}
+    for form in forms:  # folded BN and router; only active channels executed; router counted
+        assert flops["router"] < flops[form] <= flops["sparse"] < flops["masked"], form
     variants = {row["variant"] for row in entry["latency"]}
-    assert variants == {"dense", "masked", "sparse[reference]", "deployed", "deployed[layer]", "ideal"}
+    assert variants == {"dense", "masked", "sparse[reference]", "ideal", "router", *forms}
     for row in entry["latency"]:
         assert {"batch", "median_ms", "min_ms", "iqr_ms", "repeats", "vs_dense", "vs_ideal", "vs_masked"} <= set(row)
         assert row["median_ms"] > 0
@@ -93,7 +99,32 @@ def test_bench_quick_writes_json_md_png(quick_bench):
     assert "resnet10_mini" in md and "deployed" in md and "B=4" in md
 
 
+def test_per_layer_balance_and_like_for_like_variants():
+    from advmoe.bench.models import build_variants, per_layer_share
+
+    variants, moe = build_variants("resnet10_mini", 0.5, 2, torch.device("cpu"), torch.float32, ["reference"],
+                                   router="per_layer", variants=["dense", "deployed", "ideal"])  # fmt: skip
+    assert set(variants) == {"dense", "deployed", "ideal"}
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for v in variants.values() for m in v.modules())
+    low, mean, high = per_layer_share(moe, torch.rand(128, 3, 32, 32, generator=torch.Generator().manual_seed(1234)))
+    assert 0.45 <= mean <= 0.55 and low >= 0.3 and high <= 0.7  # calibrated on this very probe: near 50/50
+
+
 def test_bench_rejects_unknown_backend_and_dtype(capsys):
     assert main(["bench", "--quick", "--backends", "nonexistent", "--out", "/tmp/unused"]) == 2
     assert "not available" in capsys.readouterr().err
     assert main(["bench", "--quick", "--dtype", "fp8", "--out", "/tmp/unused"]) == 2
+
+
+def test_cost_table_folds_every_side():
+    from advmoe.bench.costs import cost_table
+    from advmoe.deploy import to_sparse
+
+    moe = _moe()
+    dense = create_model("resnet10_mini", ratio=1.0).eval()
+    x = torch.rand(4, 3, 32, 32)
+    balance_router(moe, x)
+    costs = cost_table(dense, moe, to_sparse(moe, mode="pathway"), torch.device("cpu"), x, (1, 2), repeats=1)
+    assert set(costs["flops_g"]) == {"dense", "masked", "sparse", "deployed", "ideal", "router"}
+    assert set(costs["latency_ms"]["deployed"]) == {1, 2} and "BatchNorm folded" in costs["treatment"]
+    assert costs["flops_g"]["router"] < costs["flops_g"]["ideal"] <= costs["flops_g"]["sparse"]

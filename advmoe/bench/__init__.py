@@ -1,6 +1,7 @@
 """advmoe.bench: the model benchmark behind ``advmoe bench`` (``run_benchmark``), its timing helpers and the
 research code's masked MoE baseline (``to_masked``)."""
 
+from advmoe.bench.costs import cost_table
 from advmoe.bench.masked import MaskedMoEConv2d, to_masked
 from advmoe.bench.models import DEFAULT_MODELS, IdealModel, balance_router, flops_per_image, run_benchmark
 from advmoe.bench.report import markdown_table, write_results
@@ -11,6 +12,7 @@ __all__ = [
     "IdealModel",
     "MaskedMoEConv2d",
     "balance_router",
+    "cost_table",
     "device_slug",
     "flops_per_image",
     "markdown_table",

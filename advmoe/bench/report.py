@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-_VARIANT_ORDER = ("dense", "masked", "sparse", "deployed", "ideal")
+_VARIANT_ORDER = ("dense", "masked", "sparse", "deployed", "ideal", "router")
 
 
 def _variant_key(name: str) -> tuple[int, str]:
@@ -24,16 +24,23 @@ def markdown_table(results: dict[str, Any]) -> str:
         Markdown text.
     """
     s = results["settings"]
+    router = s.get("router", "research")
+    router_text = "research (model-level) router" if router == "research" else "per-layer routers"
+    prov = results.get("provenance", {})
     lines = [
         f"Device: {results['device']}; dtype {s['dtype']}; MoE r={s['ratio']}, E={s['num_experts']}, top-1, "
-        f"research (model-level) router. "
+        f"{router_text}. Treatment (every side): {s.get('treatment', 'not recorded (older run)')}; execution "
+        f"{s.get('execution', 'eager')}. Commit {str(prov.get('commit'))[:12]}"
+        + (" (dirty)" if prov.get("dirty") else "")
+        + ". "
         + ("Time: CPU time of the one compute thread" if s.get("clock") == "thread" else "Latency")
         + f": median of {s['repeats']} interleaved runs after {s['warmup']} warm-up runs, one process. "
         "FLOPs: fvcore, one multiply-add = one FLOP, per image, router included.",
         "",
         "Variants: dense = dense CNN; masked = research code's MoE (all experts computed, then masked); "
-        "sparse[b] = our MoE model with backend b; deployed = `advmoe.deploy.to_sparse`; "
-        "ideal = slim dense CNN of the active width (r) plus the router.",
+        "sparse[b] = our MoE model with backend b (training form, unfolded); deployed = `advmoe.deploy.to_sparse` "
+        "(auto mode; deployed[m] = mode m); ideal = folded slim dense CNN of the active width (r) plus the folded "
+        "router; router = the folded model-level router alone.",
         "",
     ]
     for entry in results["models"]:
@@ -48,7 +55,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         lines += [header + " |", "|" + "---|" * (3 + len(batches))]
         by_key = {(row["variant"], row["batch"]): row for row in entry["latency"]}
         for variant in variants:
-            g = flops.get(variant.split("[")[0])
+            g = flops.get(variant, flops.get(variant.split("[")[0]))
             cells = [variant, "-" if g is None else f"{g:.3f}"]
             cells.append(f"{g / flops['dense']:.3f}" if g is not None and flops.get("dense") else "-")
             for b in batches:
@@ -56,8 +63,13 @@ def markdown_table(results: dict[str, Any]) -> str:
                 if row is None:
                     cells.append("-")
                 else:
-                    cells.append(f"{row['median_ms']:.2f} ({row['vs_dense']:.3f}, {row['vs_ideal']:.3f})")
+                    vs = [f"{row[k]:.3f}" if row.get(k) is not None else "-" for k in ("vs_dense", "vs_ideal")]
+                    cells.append(f"{row['median_ms']:.2f} ({vs[0]}, {vs[1]})")
             lines.append("| " + " | ".join(cells) + " |")
+        if entry.get("deploy_reason"):
+            lines.append(f"deployed: {entry['deploy_reason']}")
+        for key, why in (entry.get("skipped") or {}).items():
+            lines.append(f"not run: {key}: {why}")
         lines.append("")
     return "\n".join(lines)
 
@@ -89,7 +101,7 @@ def save_plot(results: dict[str, Any], path: str | Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         ax = axes[1][col]
-        names = [n for n in ("dense", "masked", "sparse", "deployed", "ideal") if entry["flops_g"].get(n) is not None]
+        names = [n for n in entry["flops_g"] if entry["flops_g"].get(n) is not None]
         ax.bar(names, [entry["flops_g"][n] for n in names], color="tab:blue")
         ax.set_ylabel("GFLOPs / image (fvcore)")
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)

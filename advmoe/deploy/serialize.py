@@ -2,7 +2,8 @@
 ``torch.load(weights_only=True)``.
 
 File layout: ``{"format": "advmoe-deployed", "version": 1, "config": <create_model arguments>,
-"deploy_mode": "pathway" | "layer" | "dense", "image_size": int, "state_dict": {...}}``. Loading rebuilds
+"deploy_mode": "pathway" | "grouped" | "layer" | "dense", "router_folded": bool, "state_dict": {...}}``.
+Loading rebuilds
 the source architecture with ``create_model(**config)``, converts it with ``to_sparse`` in the same mode
 (which fixes the deployed structure) and loads the saved weights into it.
 """
@@ -29,7 +30,9 @@ def deployed_state(model: nn.Module) -> dict[str, Any]:
             f"got a {type(model).__name__} without deploy_mode/config"
         )
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return {"format": FORMAT, "version": VERSION, "config": dict(config), "deploy_mode": mode, "state_dict": state}
+    folded = bool(getattr(model, "router_folded", False))
+    return {"format": FORMAT, "version": VERSION, "config": dict(config), "deploy_mode": mode,
+            "router_folded": folded, "state_dict": state}  # fmt: skip
 
 
 def save_deployed(model: nn.Module, path: str | Path) -> Path:
@@ -80,6 +83,7 @@ def load_deployed(path_or_dict: str | Path | dict, map_location: str | torch.dev
     if int(blob.get("version", 0)) > VERSION:
         raise ValueError(f"deployed model version {blob['version']} is newer than this library's ({VERSION})")
     model = create_model(**blob["config"]).eval()
-    deployed = to_sparse(model, mode=blob["deploy_mode"] if blob["deploy_mode"] != "dense" else "auto")
+    mode = blob["deploy_mode"] if blob["deploy_mode"] != "dense" else "layer"
+    deployed = to_sparse(model, mode=mode, fold_router=bool(blob.get("router_folded", False)))
     deployed.load_state_dict(blob["state_dict"], strict=True)
     return deployed.to(map_location).eval()
