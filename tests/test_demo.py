@@ -13,10 +13,19 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "SA" in printed and "RA" in printed and "deployed (layer mode)" in printed
+    assert "expert usage of the MoE model per layer" in printed and "AutoAttack fast (2 iterations" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["sa_ra"]) == {"advmoe", "dense_at"}
     for row in summary["sa_ra"].values():
         assert 0.0 <= row["sa"] <= 1.0 and 0.0 <= row["ra"] <= row["sa"] + 1e-9
+    usage = summary["expert_usage"]
+    assert len(usage) == 8  # resnet10_mini: 8 MoE layers, each with its per-layer router
+    for shares in usage.values():
+        assert len(shares) == 2 and abs(sum(shares) - 1) < 1e-6
+    aa = summary["autoattack"]
+    assert aa["variant"].startswith("AutoAttack fast") and aa["n"] == 32
+    for label in ("advmoe", "dense_at"):
+        assert 0.0 <= aa[label]["ra"] <= aa[label]["sa"] <= 1.0
     deploy = summary["deploy"]
     assert deploy["mode"] == "layer" and deploy["max_abs_diff"] < 1e-3 and deploy["prediction_agreement"] == 1.0
     costs = summary["costs"]
