@@ -1,7 +1,7 @@
 """``advmoe demo``: the project's main job, end to end on the embedded digits data, in a few minutes on a CPU.
 
-1. Train a small MoE-CNN (``resnet10_mini``, r = 0.5, E = 2, per-layer routers with standardised inputs and
-   the default entropy balance term) with AdvMoE, and the dense PGD-AT baseline (same recipe as
+1. Train a small MoE-CNN (``resnet10_mini``, r = 0.5, E = 2, one cheap model-level image router with
+   standardised inputs, the default entropy balance term) with AdvMoE, and the dense PGD-AT baseline (same recipe as
    ``configs/digits_advmoe.yaml`` / ``configs/digits_at.yaml``).
 2. Print SA and RA (PGD-10, eps 8/255) of both, the MoE model's expert usage per layer on the test set, and
    the AutoAttack RA of both models (``advmoe.eval.evaluate``; the variant is printed with the number).
@@ -26,7 +26,7 @@ _EPS, _ALPHA, _EVAL_ALPHA = 8 / 255, 5 / 255, 2 / 255
 
 
 def _config_dict(
-    strategy: str, epochs: int, seed: int, device: str, quick: bool, router: str = "per_layer"
+    strategy: str, epochs: int, seed: int, device: str, quick: bool, router: str = "image"
 ) -> dict[str, Any]:
     moe = strategy == "advmoe"
     opt = {"name": "sgd", "lr": 0.02, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "cosine"}
@@ -56,10 +56,11 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1234, help="random seed (default 1234)")
     p.add_argument(
         "--router",
-        default="per_layer",
-        choices=("per_layer", "research"),
-        help="MoE routing (default per_layer: a GAP+linear router per layer; 'research' = the research code's "
-        "ResNet-20 image router, which alone costs more FLOPs than the whole resnet10_mini)",
+        default="image",
+        choices=("image", "per_layer", "research"),
+        help="MoE routing (default image: one cheap two-conv router on the image drives every layer, so each "
+        "sample keeps one pathway; per_layer: a GAP+linear router per layer, which learns far more slowly when "
+        "balanced; research: the research code's ResNet-20 router, which alone costs more than the model)",
     )
     p.add_argument("--batches", nargs="+", type=int, help="latency batch sizes (default 1 64; quick: 1 4)")
     p.add_argument(

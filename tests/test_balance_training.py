@@ -51,7 +51,7 @@ def test_balance_loss_by_name_and_unknown_names():
         ("train", {"balance_weight": -0.1}, "balance_weight must be a number >= 0"),
         ("train", {"balance_weight": float("nan")}, "balance_weight must be a number >= 0"),
         ("train", {"balance_weight": float("inf")}, "balance_weight must be finite"),
-        ("model", {"router": "global"}, r"model.router must be one of \['research', 'per_layer'\]"),
+        ("model", {"router": "global"}, r"model.router must be one of \['research', 'per_layer', 'image'\]"),
     ],
 )
 def test_bad_balance_and_router_settings(section, override, message):

@@ -23,7 +23,7 @@ _WIDE = ("wrn_28_10_cifar", "wrn_34_10_cifar", "resnet50_cifar", "resnet50_image
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _WIDE else n for n in list_models()])
-@pytest.mark.parametrize("router", ["research", "per_layer"])
+@pytest.mark.parametrize("router", ["research", "per_layer", "image"])
 def test_no_layer_sends_90_percent_to_one_expert_at_init(name, router, digits_batch):
     """Every zoo model, both router kinds, 3 seeds, eval and train mode: no MoE layer >= 90% on one expert."""
     for seed in range(3):
@@ -86,6 +86,20 @@ def test_routers_keep_default_init_and_per_layer_bias_is_zero():
     assert model.router.fc.weight.abs().max().item() <= 1 / math.sqrt(64) + 1e-7
     router = PerLayerRouter(7, 3)
     assert torch.equal(router.fc.bias, torch.zeros(3))
+
+
+def test_image_router_is_cheap_model_level_and_learns_a_split():
+    from advmoe.bench.models import flops_per_image
+    from advmoe.nn import num_pathways
+    from advmoe.nn.routers import ImageRouter
+
+    router = ImageRouter(2)
+    assert router(torch.rand(4, 3, 32, 32)).shape == (4, 2) and torch.equal(router.fc.bias, torch.zeros(2))
+    model = create_model("resnet10_mini", num_experts=2, ratio=0.5, router="image")
+    assert isinstance(model.router, ImageRouter) and num_pathways(model) == 2
+    assert ImageRouter(2, input_norm=False).input_norm is None
+    gflops = flops_per_image(router.eval(), torch.rand(1, 3, 32, 32))[0]
+    assert 0.3e-3 < gflops < 0.5e-3  # about 0.4 MFLOPs (fvcore, one multiply-add = one FLOP)
 
 
 def test_input_norm_off_is_the_research_router():

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from advmoe.nn import PerLayerRouter, ResearchRouter, Router, SparseMoEConv2d
+from advmoe.nn.routers import ImageRouter
 
-ROUTERS = ("research", "per_layer")
+ROUTERS = ("research", "per_layer", "image")
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,8 @@ class ModelSpec:
         ratio: width ratio r; a dense model scales every width by r (the "slim" network), a MoE model
             uses experts of width int(r * planes).
         top_k: experts per sample.
-        router: "research" (one CNN router on the image drives every MoE layer) or "per_layer".
+        router: "research" (the research code's ResNet-20 router on the image drives every MoE layer),
+            "image" (a cheap two-conv router on the image drives every MoE layer) or "per_layer".
         backend: the ``sparse_moe_conv2d`` backend of every MoE layer.
         router_norm: routers standardise their pooled features (``advmoe.nn.routers.RouterInputNorm``) so
             routing starts balanced; False gives the research code's router exactly (checkpoint import).
@@ -84,9 +86,11 @@ class ModelSpec:
         return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=bias)
 
     def model_router(self, in_channels: int) -> Router | None:
-        """The model-level router (a ``ResearchRouter``) for research routing, else None."""
+        """The model-level router (``ResearchRouter`` or ``ImageRouter``), or None (dense, per-layer)."""
         if self.moe and self.router == "research":
             return ResearchRouter(self.num_experts, in_channels, input_norm=self.router_norm)
+        if self.moe and self.router == "image":
+            return ImageRouter(self.num_experts, in_channels, input_norm=self.router_norm)
         return None
 
 

@@ -154,6 +154,43 @@ class ResearchRouter(Router):
         return self.fc(out)
 
 
+class ImageRouter(Router):
+    """A cheap model-level router: two strided 3x3 convolutions on the (normalised) image, pool, linear.
+
+    conv(C -> 16, stride 2) + BN + ReLU, conv(16 -> 32, stride 2) + BN + ReLU, global average pool,
+    ``RouterInputNorm``, linear to E scores. Like the research router it drives every MoE layer, so each
+    sample follows one consistent pathway (with per-layer routers the channels a layer hands on mean
+    different things for samples routed differently); it costs about 0.4 MFLOPs on a 32x32 image, against
+    about 41 MFLOPs for the research ResNet-20 router.
+
+    Args:
+        num_experts: E.
+        in_channels: image channels.
+        input_norm: standardise the pooled features before the head.
+    """
+
+    def __init__(self, num_experts: int, in_channels: int = 3, input_norm: bool = True):
+        super().__init__()
+        _check_positive(num_experts, "num_experts")
+        _check_positive(in_channels, "in_channels")
+        self.num_experts = num_experts
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.input_norm = RouterInputNorm(32) if input_norm else None
+        self.fc = nn.Linear(32, num_experts)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Scores (B, E) for images x (B, C, H, W)."""
+        out = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        if self.input_norm is not None:
+            out = self.input_norm(out)
+        return self.fc(out)
+
+
 class PerLayerRouter(Router):
     """Global average pool (+ standardisation) + linear on a layer's input: each MoE layer routes on its own features.
 

@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 STRATEGIES = ("pgd_at", "trades", "moe_at", "advmoe")
-ROUTERS = ("research", "per_layer")  # advmoe.models.common.ROUTERS (not imported: keeps this module light)
+ROUTERS = ("research", "per_layer", "image")  # advmoe.models.common.ROUTERS (not imported: keeps this module light)
 BALANCE_LOSSES = ("entropy", "switch")  # advmoe.nn.routing.BALANCE_LOSSES
 _DEFAULT_LOSS = {"pgd_at": "ce", "trades": "trades", "moe_at": "ce", "advmoe": "ce"}
 
@@ -72,7 +72,8 @@ class ModelConfig:
         num_experts: E; None or 1 gives the dense model.
         ratio: width ratio r of each expert (and of the dense model).
         top_k: experts per sample.
-        router: ``research`` (one model-level CNN router) or ``per_layer``.
+        router: ``research`` (the research code's ResNet-20 router on the image), ``image`` (a cheap two-conv
+            router on the image; both drive every MoE layer) or ``per_layer``.
         router_norm: routers standardise their pooled features so routing starts balanced (default true);
             false is the research code's router architecture exactly.
         normalize: ``dataset`` (the dataset's mean/std from ``advmoe.data.dataset_info``), None (no
