@@ -1,8 +1,10 @@
 """``advmoe demo``: the project's main job, end to end on the embedded digits data, in a few minutes on a CPU.
 
-1. Train a small MoE-CNN (``resnet10_mini``, r = 0.5, E = 2, one model-level router) with AdvMoE, and the
-   dense PGD-AT baseline (same recipe as ``configs/digits_advmoe.yaml`` / ``configs/digits_at.yaml``).
-2. Print SA and RA (PGD-10, eps 8/255) of both.
+1. Train a small MoE-CNN (``resnet10_mini``, r = 0.5, E = 2, one cheap model-level image router with
+   standardised inputs, the default entropy balance term) with AdvMoE, and the dense PGD-AT baseline (same recipe as
+   ``configs/digits_advmoe.yaml`` / ``configs/digits_at.yaml``).
+2. Print SA and RA (PGD-10, eps 8/255) of both, the MoE model's expert usage per layer on the test set, and
+   the AutoAttack RA of both models (``advmoe.eval.evaluate``; the variant is printed with the number).
 3. Convert the MoE model with ``advmoe.deploy.to_sparse``, check that its logits match on the test set,
    save it (``deployed.pt``) and reload it.
 4. Print a FLOPs / latency table against the dense model (plus the research code's masked MoE and the
@@ -24,7 +26,7 @@ _EPS, _ALPHA, _EVAL_ALPHA = 8 / 255, 5 / 255, 2 / 255
 
 
 def _config_dict(
-    strategy: str, epochs: int, seed: int, device: str, quick: bool, router: str = "per_layer"
+    strategy: str, epochs: int, seed: int, device: str, quick: bool, router: str = "image"
 ) -> dict[str, Any]:
     moe = strategy == "advmoe"
     opt = {"name": "sgd", "lr": 0.02, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "cosine"}
@@ -54,12 +56,20 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1234, help="random seed (default 1234)")
     p.add_argument(
         "--router",
-        default="per_layer",
-        choices=("per_layer", "research"),
-        help="MoE routing (default per_layer: a GAP+linear router per layer; 'research' = the research code's "
-        "ResNet-20 image router, which alone costs more FLOPs than the whole resnet10_mini)",
+        default="image",
+        choices=("image", "per_layer", "research"),
+        help="MoE routing (default image: one cheap two-conv router on the image drives every layer, so each "
+        "sample keeps one pathway; per_layer: a GAP+linear router per layer, which learns far more slowly when "
+        "balanced; research: the research code's ResNet-20 router, which alone costs more than the model)",
     )
     p.add_argument("--batches", nargs="+", type=int, help="latency batch sizes (default 1 64; quick: 1 4)")
+    p.add_argument(
+        "--autoattack",
+        default="fast",
+        choices=("fast", "standard"),
+        help="AutoAttack version for the final RA of both models (default fast; quick: 2 iterations)",
+    )
+    p.add_argument("--aa-samples", type=int, default=360, help="test samples for AutoAttack (default 360)")
     p.add_argument("--quick", action="store_true", help="CI mode: a few training steps, tiny evaluation (< 60 s)")
 
 
@@ -85,6 +95,39 @@ def check_logits(model: torch.nn.Module, deployed: torch.nn.Module, batches, dev
         correct += int((out.argmax(1) == y).sum())
         n += x.shape[0]
     return {"max_abs_diff": diff, "prediction_agreement": agree / max(n, 1), "deployed_sa": correct / max(n, 1), "n": n}
+
+
+def _usage_and_autoattack(models: dict, batches, args, device) -> dict[str, Any]:
+    """Expert usage per MoE layer (clean test set) and AutoAttack RA of each model, via ``advmoe.eval``."""
+    from advmoe.eval import EvalConfig, evaluate
+
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    quick = {"autoattack_iters": 2, "autoattack_targets": 1} if args.quick else {}
+    cfg = EvalConfig(
+        eps=_EPS, attacks=["autoattack"], autoattack_version=args.autoattack, router_robustness=False,
+        frozen_routing=False, pathway_worst_case=False, max_samples=min(args.aa_samples, x.shape[0]),
+        batch_size=120, progress=False, seed=0, **quick,
+    )  # fmt: skip
+    variant = f"AutoAttack {args.autoattack}" + (" (2 iterations, 1 target)" if args.quick else "")
+    out: dict[str, Any] = {"variant": variant, "n": cfg.max_samples}
+    for label, model in models.items():
+        result = evaluate(model.to(device), (x.to(device), y.to(device)), cfg)
+        out[label] = {"sa": result["sa"], "ra": result["ra"]["autoattack"]}
+        usage = (result.get("expert_usage") or {}).get("clean")
+        if usage:
+            out[label]["usage"] = {k: [c / max(1, sum(v)) for c in v] for k, v in usage.items()}
+    return out
+
+
+def _print_usage(usage: dict[str, list[float]]) -> str:
+    lines = ["  layer              " + "  ".join(f"expert {e}" for e in range(len(next(iter(usage.values())))))]
+    for name, shares in usage.items():
+        lines.append(f"  {name:18s} " + "  ".join(f"{100 * s:7.1f}%" for s in shares))
+    top = max(max(s) for s in usage.values())
+    verdict = "every layer uses all experts" if top < 0.9 else "SOME LAYER SENDS >= 90% TO ONE EXPERT"
+    lines.append(f"  largest share of one expert in any layer: {100 * top:.1f}% ({verdict})")
+    return "\n".join(lines)
 
 
 def _cost_table(dense, moe, deployed, device, batches, repeats) -> dict[str, Any]:
@@ -191,6 +234,12 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
     moe, dense = runs["advmoe"], runs["dense_at"]
     batches = _test_batches(32 if args.quick else None)
+    final = _usage_and_autoattack({"advmoe": moe, "dense_at": dense}, batches, args, device)
+    print(f"\n== expert usage of the MoE model per layer (digits test, {sum(b[0].shape[0] for b in batches)} samples)")
+    print(_print_usage(final["advmoe"]["usage"]))
+    print(f"\n== {final['variant']}, eps 8/255, {final['n']} test samples")
+    for label in ("advmoe", "dense_at"):
+        print(f"  {label:9s} SA {100 * final[label]['sa']:6.2f}%   RA {100 * final[label]['ra']:6.2f}%")
     deployed = to_sparse(moe, example_input=batches[0][0][:2].to(device))
     check = check_logits(moe, deployed, batches, device)
     path = save_deployed(deployed, out / "deployed.pt")
@@ -217,6 +266,9 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             k: {"sa": r["sa"], "ra": r["ra"], "attack": attack, "n": r.get("eval_samples")} for k, r in rows.items()
         },
         "deploy": {"mode": deployed.deploy_mode, **check},
+        "autoattack": {k: v for k, v in final.items() if k not in ("advmoe", "dense_at")}
+        | {k: {"sa": final[k]["sa"], "ra": final[k]["ra"]} for k in ("advmoe", "dense_at")},
+        "expert_usage": final["advmoe"]["usage"],
         "costs": copy.deepcopy(costs),
         "seconds": time.perf_counter() - start,
     }

@@ -138,7 +138,7 @@ class ResearchResNetCifar(ResearchModel):
                 in_planes = planes
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.linear = nn.Linear(in_planes, num_classes)
-        self.attach_router(ResearchRouter(num_experts))
+        self.attach_router(ResearchRouter(num_experts, input_norm=False))
 
     def forward(self, x):
         if self.normalize is not None:
@@ -196,7 +196,7 @@ class ResearchWRN(ResearchModel):
         self.block3 = ResearchStage(n, ch[2], ch[3], 2, num_experts)
         self.bn1 = nn.BatchNorm2d(ch[3])
         self.fc = nn.Linear(ch[3], num_classes)
-        self.attach_router(ResearchRouter(num_experts))
+        self.attach_router(ResearchRouter(num_experts, input_norm=False))
 
     def forward(self, x):
         scores = self.router(x)
