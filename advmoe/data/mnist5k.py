@@ -6,7 +6,7 @@ imported (only its two-line ``__init__``). Install it with the optional extra: `
 
 Images are 1 channel, 28 x 28 (``size`` resizes bilinearly), values in [0, 1]. The split is fixed and
 stratified (seeded by ``seed``, 0 everywhere in advmoe): per class 300 train, 50 validation (``"val"``)
-and 150 test images, i.e. 3,000 / 500 / 1,500.
+and 150 test images, i.e. 3,000 / 500 / 1,500, each in a fixed shuffled order (classes interleaved).
 
 ``polarity="mixed"`` gives a two-domain variant for routing checks: a fixed, class-stratified half of
 every split is polarity-inverted (x -> 1 - x); ``dataset.domains`` holds (N,) 0 (normal) or 1 (inverted).
@@ -68,7 +68,7 @@ def _check(size: int, seed: int, polarity: str) -> None:
 
 @lru_cache(maxsize=4)
 def _split_indices(seed: int) -> dict[str, np.ndarray]:
-    """Per split, the sorted row indices: a per-class permutation cut into train / val / test."""
+    """Per split, the row indices: a per-class permutation cut into train / val / test, then shuffled."""
     _, labels = load_mnist5k_arrays()
     rng = np.random.default_rng(seed)
     parts: dict[str, list[np.ndarray]] = {name: [] for name in MNIST5K_SPLIT}
@@ -78,7 +78,8 @@ def _split_indices(seed: int) -> dict[str, np.ndarray]:
         for name, count in MNIST5K_SPLIT.items():
             parts[name].append(rows[start : start + count])
             start += count
-    return {name: np.sort(np.concatenate(p)) for name, p in parts.items()}
+    # classes interleaved in a seeded order, so that the first n samples of a split are a random subset
+    return {name: rng.permutation(np.concatenate(p)) for name, p in parts.items()}
 
 
 def _inverted_mask(labels: np.ndarray, seed: int, split: str) -> np.ndarray:
