@@ -103,7 +103,7 @@ def summarize(study: dict[str, Any], records: list[dict[str, Any]], arms: list[s
         entry["collapsed_layers"] = {str(r["seed"]): collapsed_layers(r) for r in fin}
         entry["selected_epoch"] = {str(r["seed"]): r["selected_epoch"] for r in fin}
         entry["domain_agreement"] = {str(r["seed"]): domain_score(r) for r in fin}
-        entry["train_time_s"] = {str(r["seed"]): r["train_time_s"] for r in runs}
+        entry["train_time_s"] = {str(r["seed"]): r.get("train_time_s") for r in runs}
         out[arm] = entry
     return out
 
