@@ -9,8 +9,18 @@ import torch
 from attack_models import accuracy, digits_8x8, trained_mlp
 from torch import nn
 
-from advmoe.attacks import EvaluationWarning, apgd, apgd_targeted, autoattack, dlr_targeted_loss, pgd, square_attack
+from advmoe.attacks import (
+    EvaluationWarning,
+    apgd,
+    apgd_targeted,
+    autoattack,
+    autoattack_variant,
+    dlr_targeted_loss,
+    pgd,
+    square_attack,
+)
 from advmoe.attacks.apgd import step_schedule
+from advmoe.attacks.autoattack import resolve_square_queries
 from advmoe.attacks.square import square_fraction
 
 
@@ -91,13 +101,13 @@ def test_autoattack_warnings_and_few_classes():
     model.train()
     try:
         with pytest.warns(UserWarning, match="train mode"):
-            autoattack(model, x[:4], y[:4], 0.05, n_iter=2, n_targets=1)
+            autoattack(model, x[:4], y[:4], 0.05, n_iter=2, n_targets=1, square_queries=0)
     finally:
         model.eval()
     three_class = nn.Sequential(model, nn.Linear(10, 3)).eval()
     mask = y < 3
     with pytest.warns(UserWarning, match="too few for targeted DLR"):
-        out = autoattack(three_class, x[mask][:10], y[mask][:10], 0.05, n_iter=2)
+        out = autoattack(three_class, x[mask][:10], y[mask][:10], 0.05, n_iter=2, square_queries=10)
     assert out.shape == x[mask][:10].shape
 
 
@@ -184,6 +194,52 @@ def test_square_bad_arguments():
         square_attack(model, x, y, 0.1, p_init=0.0)
     with pytest.raises(ValueError, match="square_queries"):
         autoattack(model, x, y, 0.1, square_queries=-5)
+    with pytest.raises(ValueError, match="square_queries"):
+        autoattack_variant("fast", square_queries=1.5)
     with pytest.raises(ValueError, match="linf"):
         autoattack(model, x, y, 0.1, norm="l2", square_queries=10)
     assert torch.equal(square_attack(model, x, y, 0.1, n_queries=0), x)
+
+
+# --- the standard suite includes Square; every run has a variant name ---------------------------------
+
+
+def test_standard_includes_square_by_default_and_variants_are_named():
+    assert resolve_square_queries("standard") == 5000 and resolve_square_queries("fast") == 0
+    assert resolve_square_queries("standard", "l2") == 0  # Square is L-inf only
+    assert autoattack_variant() == "autoattack-standard"
+    assert autoattack_variant("standard", n_iter=100, n_targets=9, square_queries=5000) == "autoattack-standard"
+    assert autoattack_variant("fast") == "autoattack-fast"
+    assert autoattack_variant("fast", n_iter=25) == "autoattack-fast-25it"
+    assert autoattack_variant("fast", n_iter=2, n_targets=1) == "autoattack-fast-2it-1t"
+    assert autoattack_variant("standard", square_queries=0) == "autoattack-standard-nosquare"
+    assert autoattack_variant("standard", norm="l2") == "autoattack-standard-nosquare"
+    assert autoattack_variant("fast", square_queries=1000) == "autoattack-fast-square1000"
+    with pytest.raises(ValueError, match="version"):
+        autoattack_variant("plus")
+
+
+def test_default_standard_run_reaches_square_and_catches_masking():
+    # the quantised MLP has zero input gradients: only the Square Attack, which now runs by default in the
+    # standard version, can fool it (and it warns that the gradient attacks missed those samples)
+    model = _Rounding(trained_mlp()).eval()
+    _, _, x, y = digits_8x8()
+    x, y = x[:30], y[:30]
+    with pytest.warns(EvaluationWarning, match="Square Attack fooled"):
+        x_adv = autoattack(model, x, y, 0.15, n_iter=2, n_targets=1, generator=_gen())
+    assert accuracy(model, x_adv, y) < 0.3
+    with warnings.catch_warnings():  # fast: no Square, so the masked model looks robust
+        warnings.simplefilter("error", EvaluationWarning)
+        x_fast = autoattack(model, x, y, 0.15, version="fast", n_iter=2, n_targets=1, generator=_gen())
+    assert accuracy(model, x_fast, y) > 0.5
+
+
+def test_default_square_is_skipped_with_a_warning_for_flat_inputs():
+    model = trained_mlp()
+    _, _, x, y = digits_8x8()
+    flat = x[:6].flatten(1)  # (B, 64): the MLP accepts it, the Square Attack needs images
+    with pytest.warns(UserWarning, match="autoattack-standard-2it-nosquare"):
+        out = autoattack(model, flat, y[:6], 0.05, n_iter=2)
+    assert out.shape == flat.shape
+    with pytest.raises(ValueError, match="images"):
+        autoattack(model, flat, y[:6], 0.05, n_iter=2, square_queries=10)

@@ -130,6 +130,11 @@ def test_toy_accuracies_match_hand_computation(toy_result):
     assert r["ra"]["pgd_ce"] == pytest.approx(3 / 5)  # A survives: the gradient through expert 0 points away
     assert r["ra"]["pgd_cw"] == pytest.approx(3 / 5)
     assert r["ra_frozen_routing"] == pytest.approx(3 / 5)  # routing pinned: A, B, C robust
+    assert r["ra_frozen_routing_rescored"] == pytest.approx(3 / 5)  # A's frozen example keeps expert 0: robust
+    # the soft surrogate mixes the opposite experts by p0 - p1, which changes sign at the router threshold:
+    # its PGD pushes A across 0.5, where the real model routes to expert 1 and is wrong
+    assert r["ra_soft_routing"] == pytest.approx(2 / 5) and r["sa_soft_routing"] == pytest.approx(4 / 5)
+    assert r["pathways"] == {"kind": "all", "count": 2}
     # pathway 1's attack pushes A up across the router threshold (wrong on the real model) and D down
     # (still right on the real model, whose expert 0 handles it); pathway 0's attack is the plain one
     assert r["ra_pathway"] == {"0": pytest.approx(3 / 5), "1": pytest.approx(3 / 5)}
@@ -143,7 +148,9 @@ def test_toy_router_robustness_and_usage(toy_result):
     rob = toy_result["router_robustness"]
     assert rob["pgd_ce"]["all_layers"] == pytest.approx(1.0)  # no plain attack crosses the router threshold
     assert rob["pgd_ce"]["per_layer"] == {"moe": pytest.approx(1.0)}
-    assert rob["router_attack"]["all_layers"] == pytest.approx(4 / 5)  # only A (0.01 from it) flips
+    # over the 4 attacked samples (E, misclassified clean, is not counted): only A (0.01 from it) flips
+    assert rob["router_attack"]["all_layers"] == pytest.approx(3 / 4)
+    assert rob["router_attack"]["num_attacked"] == 4 and rob["pgd_ce"]["num_attacked"] == 4
     usage = toy_result["expert_usage"]
     assert usage["clean"] == {"moe": [4, 1]}
     assert usage["pgd_ce"] == {"moe": [4, 1]}
@@ -158,7 +165,9 @@ def test_result_is_json_and_formats(toy_result):
     text = json.dumps(toy_result)
     assert json.loads(text)["sa"] == pytest.approx(0.8)
     report = format_result(toy_result)
-    assert "RA with routing frozen" in report and "80.0" in report and "| moe |" in report
+    assert "RA, routing frozen to the clean choice, scored on the frozen model" in report
+    assert "routing-frozen examples re-scored on the real model" in report
+    assert "80.0" in report and "| moe |" in report and "Where each robust accuracy comes from" in report
 
 
 def test_router_robustness_is_one_when_routing_cannot_change():
@@ -263,7 +272,7 @@ def test_report_helpers():
 def test_summarize_flattens(toy_result):
     s = summarize(toy_result)
     assert s["sa"] == pytest.approx(0.8) and s["ra_pgd_ce"] == pytest.approx(0.6)
-    assert s["router_unchanged_router_attack"] == pytest.approx(0.8)
+    assert s["router_unchanged_router_attack"] == pytest.approx(0.75)
     assert s["ra_pathway_worst"] == pytest.approx(0.4)
 
 
@@ -272,3 +281,149 @@ def test_iter_batches_dataset_in_order():
     batches, total = iter_batches(ds, 2, max_samples=3)
     ys = [y.tolist() for _, y in batches]
     assert total == 2 and ys == [[0, 1], [2]]
+
+
+# --- every stand-in's examples are re-scored on the real model (per-layer routers too) --------------------
+
+
+class SteepRouter(Router):
+    """Per-layer router on the layer input: scores K * [r - m, m - r] (expert 0 below brightness r).
+
+    With a steep K the straight-through gate's router term dominates the input gradient of the real model,
+    and for a correctly classified sample it points towards the router threshold (making the gate's
+    chosen score smaller lowers the confidence): plain PGD walks away from the expert's own boundary.
+    """
+
+    def __init__(self, threshold=0.5, steepness=1000.0):
+        super().__init__()
+        self.num_experts = 2
+        self.threshold, self.steepness = threshold, steepness
+
+    def forward(self, x):
+        m = x.mean(dim=(1, 2, 3))
+        return self.steepness * torch.stack([self.threshold - m, m - self.threshold], dim=1)
+
+
+def brightness_moe(expert_logits, router):
+    """One 1x1 SparseMoEConv2d with its own router; expert e's logits are SCALE * (a_e * m + b_e) (2 classes).
+
+    ``expert_logits``: [[a0 (2,), b0 (2,)], [a1, b1]] per expert. Logits = spatial mean of the layer output.
+    """
+    moe = SparseMoEConv2d(1, 2, 1, num_experts=2, top_k=1, router=router, backend="reference")
+    with torch.no_grad():
+        moe.weight.copy_(SCALE * torch.tensor([a for a, _ in expert_logits]).view(4, 1, 1, 1))
+        moe.bias.copy_(SCALE * torch.tensor([b for _, b in expert_logits]).view(4))
+
+    class PerLayerToy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.moe = moe
+
+        def forward(self, x):
+            return self.moe(x).mean(dim=(2, 3))
+
+    return PerLayerToy().eval()
+
+
+# Expert 0 (used below 0.5): class 1 iff m > 0.3. Expert 1 (above 0.5): class 1 iff m > 0.495.
+PER_LAYER_EXPERTS = [[[-1.0, 1.0], [0.3, -0.3]], [[-1.0, 1.0], [0.495, -0.495]]]
+# S1 0.52 y1: expert 1. Frozen PGD (expert 1's gradient only) pushes m to ~0.489 < 0.495: the frozen model is
+#    fooled, but the real model routes 0.489 to expert 0, which is right (0.489 > 0.3). Plain PGD: right.
+# S2 0.32 y1: expert 0. Frozen PGD pushes m below 0.3: wrong on the frozen AND on the real model (still
+#    expert 0). Plain PGD follows the steep router term up, towards 0.5: never fooled (masked gradient).
+# R 0.80 y1 and T 0.25 y0: robust everywhere. W 0.20 y1: wrong when clean.
+PER_LAYER_X = grey([0.52, 0.32, 0.80, 0.25, 0.20])
+PER_LAYER_Y = torch.tensor([1, 1, 1, 0, 1])
+
+
+def _quiet_evaluate(model, data, config):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return evaluate(model, data, config)
+
+
+def test_per_layer_frozen_routing_examples_are_rescored_on_the_real_model():
+    model = brightness_moe(PER_LAYER_EXPERTS, SteepRouter())
+    r = _quiet_evaluate(
+        model,
+        (PER_LAYER_X, PER_LAYER_Y),
+        cfg(pgd_steps=10, router_robustness=False, pathway_worst_case=False, soft_routing=False),
+    )
+    assert r["model"]["num_pathways"] is None  # per-layer router
+    assert r["sa"] == pytest.approx(4 / 5)
+    assert r["ra"] == {"pgd_ce": pytest.approx(4 / 5), "pgd_cw": pytest.approx(4 / 5)}  # masked: S2 survives
+    assert r["ra_frozen_routing"] == pytest.approx(2 / 5)  # S1 and S2 fool the frozen model
+    assert r["ra_frozen_routing_rescored"] == pytest.approx(3 / 5)  # on the real model only S2 is fooled
+    assert r["ra_worst"] == pytest.approx(3 / 5)  # counted (scoring them only on the frozen model gave 4/5)
+    rows = {row["result"]: row for row in r["evaluation_plan"]}
+    assert rows["ra_frozen_routing"]["in_ra_worst"] is False
+    assert rows["ra_frozen_routing_rescored"]["in_ra_worst"] is True
+    assert rows["ra_frozen_routing_rescored"]["scored_on"].startswith("real model")
+
+
+def test_per_layer_uniform_pathways_and_soft_surrogate_count_in_the_worst_case():
+    model = brightness_moe(PER_LAYER_EXPERTS, SteepRouter())
+    r = _quiet_evaluate(model, (PER_LAYER_X, PER_LAYER_Y), cfg(pgd_steps=10, frozen_routing=False))
+    assert r["pathways"] == {"kind": "uniform", "count": 2}
+    # pathway 0 (every layer on expert 0) breaks S2 as the frozen attack does; pathway 1 pushes S2 further
+    # down through expert 1, where the real model routes it to expert 0 and is wrong as well
+    assert r["ra_pathway"]["0"] == pytest.approx(3 / 5)
+    assert r["ra_pathway_worst"] == pytest.approx(3 / 5)
+    # the steep softmax is nearly hard, but the surrogate has no straight-through router term: its PGD
+    # follows expert 0 down and breaks S2 on the real model
+    assert r["ra_soft_routing"] == pytest.approx(3 / 5) and r["sa_soft_routing"] == pytest.approx(4 / 5)
+    assert r["ra_worst"] == pytest.approx(3 / 5)
+    assert any("soft-routing surrogate" in w for w in r["warnings"])
+
+
+def test_soft_surrogate_examples_are_scored_on_the_hard_model():
+    # constant experts (no weights): expert 0 says class 0 with logit SCALE, expert 1 class 1 with 3 * SCALE.
+    # The hard model is class 0 iff m < 0.5. The soft mixture p0 * [S, 0] + p1 * [0, 3S] with the scale-1
+    # router (p0 = sigmoid(2 (0.5 - m)) < 0.75 on [0, 1]) says class 1 everywhere.
+    model = brightness_moe([[[0.0, 0.0], [1.0, 0.0]], [[0.0, 0.0], [0.0, 3.0]]], SteepRouter(steepness=1.0))
+    x, y = grey([0.2, 0.3, 0.8]), torch.tensor([0, 0, 1])
+    r = _quiet_evaluate(model, (x, y), cfg(frozen_routing=False, pathway_worst_case=False, router_robustness=False))
+    assert r["sa"] == pytest.approx(1.0)
+    assert r["sa_soft_routing"] == pytest.approx(1 / 3)  # the surrogate misclassifies both class-0 samples
+    # its examples stay within eps of 0.2, 0.3 and 0.8: the hard model classifies all of them correctly
+    assert r["ra_soft_routing"] == pytest.approx(1.0)
+    assert r["ra_worst"] == pytest.approx(1.0)
+
+
+def test_routing_kept_counts_only_attacked_samples():
+    # F 0.52 y1 routes to expert 1; an attack that moves it below 0.5 hands it to expert 0, which is wrong.
+    # B 0.30 y0 and C 0.80 y1 survive; E 0.30 y1 is wrong when clean (never attacked).
+    x, y = grey([0.52, 0.30, 0.80, 0.30]), torch.tensor([1, 0, 1, 1])
+    config = cfg(
+        attacks=["autoattack"],
+        autoattack_version="fast",
+        autoattack_iters=10,
+        frozen_routing=False,
+        pathway_worst_case=False,
+        soft_routing=False,
+    )
+    r = _quiet_evaluate(ToyMoE().eval(), (x, y), config)
+    assert r["sa"] == pytest.approx(3 / 4) and r["ra"]["autoattack"] == pytest.approx(2 / 4)
+    rob = r["router_robustness"]
+    # AutoAttack returns the clean input for B and C (not fooled): counting them (and E) gave 3/4 kept
+    assert rob["autoattack"]["num_attacked"] == 1 and rob["autoattack"]["all_layers"] == pytest.approx(0.0)
+    # the router attack perturbs every sample; over the correctly classified ones only F changes experts
+    assert rob["router_attack"]["num_attacked"] == 3
+    assert rob["router_attack"]["all_layers"] == pytest.approx(2 / 3)  # counting E too gave 3/4
+    assert r["autoattack_variant"] == "autoattack-fast-10it"
+    assert r["attack_labels"]["autoattack"].startswith("autoattack-fast-10it (APGD-CE 10 it.")
+    assert "no Square" in r["attack_labels"]["autoattack"]
+
+
+def test_autoattack_variant_named_in_result_and_report():
+    base = dict(attacks=["autoattack"], autoattack_targets=1, frozen_routing=False, check_model=False)
+    x, y = grey([0.2, 0.8]), torch.tensor([0, 1])
+    r = _quiet_evaluate(Threshold().eval(), (x, y), cfg(**base, autoattack_iters=2, autoattack_square_queries=3))
+    assert r["autoattack_variant"] == "autoattack-standard-2it-1t-square3"
+    assert "Square 3 queries" in r["attack_labels"]["autoattack"]
+    assert "autoattack-standard-2it-1t-square3" in format_result(r)
+    assert EvalConfig().autoattack_square_queries is None  # standard: the version's 5000 Square queries
+    with pytest.raises(ValueError, match="autoattack_square_queries"):
+        EvalConfig(autoattack_square_queries=-1)
+    with pytest.raises(ValueError, match="soft_routing_temperature"):
+        EvalConfig(soft_routing_temperature=0.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 __all__ = ["KNOWN_ATTACKS", "EvalConfig"]
@@ -23,20 +24,35 @@ class EvalConfig:
         norm: ``"linf"`` or ``"l2"``.
         attacks: attacks whose robust accuracy is reported, from ``KNOWN_ATTACKS``: ``pgd_ce`` (PGD on
             cross-entropy), ``pgd_cw`` (PGD on the CW margin), ``autoattack``. ``ra_worst`` is the
-            per-sample worst case over all of them (and over the pathway attacks, see below).
+            per-sample worst case over all of them, the router attack, and the examples the PGD attacks
+            among them make on the stand-ins below (frozen routing, fixed pathways, soft routing), every
+            example scored on the real model (docs/evaluation.md).
         pgd_steps: PGD iterations.
         pgd_alpha: PGD step size (research code: 2/255).
         pgd_restarts: random restarts per PGD attack; the per-sample worst restart counts.
-        autoattack_version: ``"standard"`` or ``"fast"`` (see ``advmoe.attacks.autoattack``).
+        autoattack_version: ``"standard"`` (APGD-CE, APGD-T 9 targets, Square 5000 queries) or ``"fast"``
+            (APGD-CE, APGD-T 3 targets, 50 iterations, no Square); see ``advmoe.attacks.autoattack``.
         autoattack_iters: override the iterations of each APGD attack of that version (None: its default).
         autoattack_targets: override the number of APGD-T target classes (None: the version's default).
+        autoattack_square_queries: override the Square Attack's queries (0: none; None: the version's
+            default). Any override shows in the variant name (``result["autoattack_variant"]``, e.g.
+            ``"autoattack-fast-25it"``), which every report row of AutoAttack carries.
         router_attack_steps: steps of the router-targeted attack used for router robustness (0: skip it).
-        router_robustness: report the share of samples whose routing is unchanged under each attack.
-        frozen_routing: report RA with routing frozen to the clean choice (expert robustness alone).
-        pathway_worst_case: for a model with a model-level top-1 router (``num_pathways(model) = P``), run
-            PGD-CE/CW with each of the P pathways fixed and count the per-sample worst case on the real model.
+        router_robustness: report, per attack, the share of the attacked samples (classified correctly when
+            clean and changed by the attack, ``x_adv != x``) whose routing is unchanged.
+        frozen_routing: run the PGD attacks with routing frozen to each sample's clean choice; report their
+            RA on that frozen model (expert robustness alone) and re-score the same examples on the real,
+            routed model (counted in ``ra_worst``).
+        pathway_worst_case: run the PGD attacks with every sample forced through one pathway, for each
+            pathway, and score the examples on the real model (counted in ``ra_worst``). With a model-level
+            top-1 router these are all P = E pathways; otherwise (per-layer routers, top-k > 1) the E
+            "uniform" pathways (every MoE layer on expert p, or experts p..p+k-1 mod E).
         max_pathways: run the pathway attacks only when ``2 <= P <= max_pathways`` (each pathway costs the
             PGD attacks once more).
+        soft_routing: attack a soft-routing surrogate end to end with the PGD attacks (every MoE layer mixes
+            its experts with the router's softmax, ``advmoe.attacks.soft_routing``) and score the examples
+            on the real, hard-routed model (counted in ``ra_worst``).
+        soft_routing_temperature: temperature T of that softmax (``softmax(scores / T)``), > 0.
         max_samples: evaluate at most this many samples (None: all).
         batch_size: evaluation batch size (used by the CLI when it builds the loader).
         seed: seed of the attacks' random starts.
@@ -55,11 +71,14 @@ class EvalConfig:
     autoattack_version: str = "standard"
     autoattack_iters: int | None = None
     autoattack_targets: int | None = None
+    autoattack_square_queries: int | None = None
     router_attack_steps: int = 10
     router_robustness: bool = True
     frozen_routing: bool = True
     pathway_worst_case: bool = True
     max_pathways: int = 8
+    soft_routing: bool = True
+    soft_routing_temperature: float = 1.0
     max_samples: int | None = None
     batch_size: int = 128
     seed: int = 0
@@ -88,6 +107,14 @@ class EvalConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"eval.{name} must be an int >= 1 or None, got {value!r}")
+        sq = self.autoattack_square_queries
+        if sq is not None and (isinstance(sq, bool) or not isinstance(sq, int) or sq < 0):
+            raise ValueError(f"eval.autoattack_square_queries must be an int >= 0 or None, got {sq!r}")
+        if sq and self.norm != "linf":
+            raise ValueError("eval.autoattack_square_queries > 0 needs norm 'linf' (the Square Attack is L-inf only)")
+        temp = self.soft_routing_temperature
+        if isinstance(temp, bool) or not isinstance(temp, (int, float)) or not (math.isfinite(temp) and temp > 0):
+            raise ValueError(f"eval.soft_routing_temperature must be a finite number > 0, got {temp!r}")
         if self.max_pathways < 2:
             raise ValueError(f"eval.max_pathways must be >= 2, got {self.max_pathways}")
         if self.max_samples is not None and self.max_samples < 1:

@@ -13,7 +13,18 @@ from torch import nn
 
 from advmoe.eval.config import EvalConfig
 
-__all__ = ["ATTACK_LABELS", "GRADIENT_ATTACKS", "Tally", "correct", "make_attack", "predict", "run_attack"]
+__all__ = [
+    "ATTACK_LABELS",
+    "GRADIENT_ATTACKS",
+    "Tally",
+    "attack_label",
+    "autoattack_variant_of",
+    "correct",
+    "make_attack",
+    "perturbed",
+    "predict",
+    "run_attack",
+]
 
 # Attacks that follow the model's gradients (the pathway and frozen-routing attacks reuse these).
 GRADIENT_ATTACKS = ("pgd_ce", "pgd_cw")
@@ -21,9 +32,53 @@ GRADIENT_ATTACKS = ("pgd_ce", "pgd_cw")
 ATTACK_LABELS = {
     "pgd_ce": "PGD-{steps} CE",
     "pgd_cw": "PGD-{steps} CW",
-    "autoattack": "AutoAttack ({version}{detail})",
+    "autoattack": "{variant} ({detail})",
     "router_attack": "router attack ({steps} steps)",
 }
+
+
+def autoattack_variant_of(cfg: EvalConfig) -> str:
+    """The AutoAttack variant ``cfg`` runs, e.g. ``"autoattack-standard"`` or ``"autoattack-fast-25it"``."""
+    from advmoe.attacks.autoattack import autoattack_variant
+
+    return autoattack_variant(
+        cfg.autoattack_version, cfg.norm, cfg.autoattack_iters, cfg.autoattack_targets, cfg.autoattack_square_queries
+    )
+
+
+def attack_label(name: str, cfg: EvalConfig, num_classes: int | None = None) -> str:
+    """A readable label of attack ``name`` with the budget of ``cfg`` (``"PGD-50 CE"``, the AutoAttack variant
+    and its parts, ...). ``num_classes`` (if known) says whether AutoAttack's APGD-T ran (>= 4 classes) or
+    was replaced by APGD on the CW margin."""
+    if name != "autoattack":
+        steps = cfg.router_attack_steps if name == "router_attack" else cfg.pgd_steps
+        label = ATTACK_LABELS[name].format(steps=steps)
+        return label + (f" x {cfg.pgd_restarts} restarts" if name in GRADIENT_ATTACKS and cfg.pgd_restarts > 1 else "")
+    from advmoe.attacks.autoattack import VERSIONS, resolve_square_queries
+
+    it_ce, it_t, targets = VERSIONS[cfg.autoattack_version]
+    if cfg.autoattack_iters is not None:
+        it_ce = it_t = cfg.autoattack_iters
+    if cfg.autoattack_targets is not None:
+        targets = cfg.autoattack_targets
+    parts = [f"APGD-CE {it_ce} it."]
+    if num_classes is not None and num_classes < 4:
+        parts.append(f"APGD-CW {it_t} it. (too few classes for APGD-T)")
+    else:
+        if num_classes is not None:
+            targets = min(targets, num_classes - 1)
+        parts.append(f"APGD-T {targets} targets x {it_t} it.")
+    queries = resolve_square_queries(cfg.autoattack_version, cfg.norm, cfg.autoattack_square_queries)
+    parts.append(f"Square {queries} queries" if queries else "no Square")
+    return ATTACK_LABELS[name].format(
+        variant=autoattack_variant_of(cfg), detail=" + ".join(parts[:-1]) + ", " + parts[-1]
+    )
+
+
+def perturbed(x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: whether the attack changed sample b at all (``x_adv[b] != x[b]`` anywhere)."""
+    return (x_adv != x).flatten(1).any(dim=1)
+
 
 Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -94,6 +149,7 @@ def make_attack(name: str, cfg: EvalConfig, generator: torch.Generator | None = 
                 version=cfg.autoattack_version,
                 n_iter=cfg.autoattack_iters,
                 n_targets=cfg.autoattack_targets,
+                square_queries=cfg.autoattack_square_queries,
                 generator=generator,
             )
 

@@ -8,18 +8,28 @@ from typing import Any
 
 __all__ = ["format_result", "markdown_table", "mean_std", "summarize"]
 
+_SUMMARY_KEYS = (
+    "ra_worst",
+    "ra_frozen_routing",
+    "ra_frozen_routing_rescored",
+    "ra_pathway_worst",
+    "ra_soft_routing",
+    "sa_soft_routing",
+)
+
 
 def summarize(result: Mapping[str, Any]) -> dict[str, float | None]:
     """Flatten an evaluation result to ``{metric: value}`` (fractions in [0, 1], None where not measured).
 
-    Keys: ``sa``, ``ra_<attack>`` for every attack run, ``ra_worst``, ``ra_frozen_routing``,
-    ``ra_pathway_worst``, ``router_unchanged_<attack>`` (share of samples whose routing is unchanged in
-    all MoE layers under that attack).
+    Keys: ``sa``, ``ra_<attack>`` for every attack run (``ra_autoattack`` is the variant named in
+    ``result["autoattack_variant"]``), ``ra_worst``, ``ra_frozen_routing``, ``ra_frozen_routing_rescored``,
+    ``ra_pathway_worst``, ``ra_soft_routing``, ``sa_soft_routing``, ``router_unchanged_<attack>`` (share of
+    the attacked samples whose routing is unchanged in all MoE layers under that attack).
     """
     out: dict[str, float | None] = {"sa": result["sa"]}
     for name, value in result["ra"].items():
         out[f"ra_{name}"] = value
-    for key in ("ra_worst", "ra_frozen_routing", "ra_pathway_worst"):
+    for key in _SUMMARY_KEYS:
         out[key] = result.get(key)
     for name, rob in (result.get("router_robustness") or {}).items():
         out[f"router_unchanged_{name}"] = rob["all_layers"]
@@ -72,7 +82,8 @@ def markdown_table(
 
 
 def format_result(result: Mapping[str, Any]) -> str:
-    """A short markdown report of one evaluation: accuracies, routing robustness, expert usage, warnings."""
+    """A short markdown report of one evaluation: accuracies, what each number measures, routing robustness,
+    expert usage, warnings."""
     cfg = result["config"]
     eps = cfg["eps"] * 255 if cfg["norm"] == "linf" else cfg["eps"]
     eps_text = f"{eps:.4g}/255" if cfg["norm"] == "linf" else f"{eps:.4g}"
@@ -81,24 +92,70 @@ def format_result(result: Mapping[str, Any]) -> str:
     rows = [{"metric": "SA (clean)", "value": result["sa"]}]
     for name, value in result["ra"].items():
         rows.append({"metric": f"RA {result['attack_labels'].get(name, name)}", "value": value})
-    rows.append({"metric": "RA worst case (per sample, all attacks)", "value": result["ra_worst"]})
+    rows.append(
+        {"metric": "RA worst case (per sample, every example scored on the real model)", "value": result["ra_worst"]}
+    )
     if result.get("ra_frozen_routing") is not None:
-        rows.append({"metric": "RA with routing frozen to the clean choice", "value": result["ra_frozen_routing"]})
+        rows.append(
+            {
+                "metric": "RA, routing frozen to the clean choice, scored on the frozen model",
+                "value": result["ra_frozen_routing"],
+            }
+        )
+        rows.append(
+            {
+                "metric": "RA, routing-frozen examples re-scored on the real model",
+                "value": result.get("ra_frozen_routing_rescored"),
+            }
+        )
+    kind = (result.get("pathways") or {}).get("kind")
     for p, value in (result.get("ra_pathway") or {}).items():
-        rows.append({"metric": f"RA, attacks through fixed pathway {p}", "value": value})
+        rows.append(
+            {"metric": f"RA, examples made on fixed pathway {p} ({kind}), scored on the real model", "value": value}
+        )
     if result.get("ra_pathway_worst") is not None:
-        rows.append({"metric": "RA, worst over fixed-pathway attacks", "value": result["ra_pathway_worst"]})
+        rows.append({"metric": "RA, worst over fixed-pathway examples", "value": result["ra_pathway_worst"]})
+    if result.get("ra_soft_routing") is not None:
+        rows.append(
+            {
+                "metric": "RA, soft-routing surrogate's examples scored on the real model",
+                "value": result["ra_soft_routing"],
+            }
+        )
+        rows.append(
+            {"metric": "SA of the soft-routing surrogate (its fidelity)", "value": result.get("sa_soft_routing")}
+        )
     lines.append(markdown_table(rows, [("metric", "metric"), ("value", "% of samples")], percent=["value"]))
+    plan = result.get("evaluation_plan")
+    if plan:
+        lines += ["", "Where each robust accuracy comes from:", ""]
+        table = [{**row, "in_ra_worst": "yes" if row["in_ra_worst"] else "no"} for row in plan]
+        cols = [("result", "result"), ("attack", "attack"), ("attacked", "examples made on"),
+                ("scored_on", "scored on"), ("in_ra_worst", "in worst case")]  # fmt: skip
+        lines.append(markdown_table(table, cols))
     rob = result.get("router_robustness")
     if rob:
-        lines += ["", "Routing unchanged under attack (share of samples):", ""]
+        lines += [
+            "",
+            "Routing kept under attack (share of the attacked samples: correct when clean and changed by the attack):",
+            "",
+        ]
         layers = sorted({layer for r in rob.values() for layer in r["per_layer"]})
-        cols = [("attack", "attack"), ("all_layers", "all layers")] + [(layer, layer) for layer in layers]
-        table = [{"attack": name, "all_layers": r["all_layers"], **r["per_layer"]} for name, r in rob.items()]
-        lines.append(markdown_table(table, cols, percent=[c for c, _ in cols[1:]]))
+        cols = [("attack", "attack"), ("num_attacked", "attacked"), ("all_layers", "all layers")]
+        cols += [(layer, layer) for layer in layers]
+        table = [
+            {
+                "attack": name,
+                "num_attacked": str(r.get("num_attacked", "")),
+                "all_layers": r["all_layers"],
+                **r["per_layer"],
+            }
+            for name, r in rob.items()
+        ]
+        lines.append(markdown_table(table, cols, percent=["all_layers", *layers]))
     usage = result.get("expert_usage")
     if usage:
-        lines += ["", "Expert usage (samples per expert, per layer):", ""]
+        lines += ["", "Expert usage (samples per expert, per layer, on the inputs each attack returned):", ""]
         layers = list(usage["clean"])
         cols = [("layer", "layer")] + [(name, name) for name in usage]
         table = [{"layer": layer, **{n: str(u.get(layer, [])) for n, u in usage.items()}} for layer in layers]
