@@ -46,7 +46,10 @@ def _attack_text(results: dict[str, Any]) -> str:
     n = ev.get("test_samples")
     where = "the full test split" if n is None else f"the first {n} test images"
     if results["headline_metric"] == "autoattack":
-        parts = [f"version {aa.get('version', 'standard')}"]
+        from advmoe.attacks import autoattack_variant
+
+        kw = {k: aa.get(k) for k in ("version", "n_iter", "n_targets", "square_queries") if aa.get(k) is not None}
+        parts = [f"variant `{autoattack_variant(**kw)}`: version {aa.get('version', 'standard')}"]
         for key, name in (
             ("n_iter", "iterations"),
             ("n_targets", "APGD-T targets"),
