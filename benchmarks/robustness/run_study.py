@@ -104,6 +104,9 @@ def summarize(study: dict[str, Any], records: list[dict[str, Any]], arms: list[s
         entry["selected_epoch"] = {str(r["seed"]): r["selected_epoch"] for r in fin}
         entry["domain_agreement"] = {str(r["seed"]): domain_score(r) for r in fin}
         entry["train_time_s"] = {str(r["seed"]): r.get("train_time_s") for r in runs}
+        entry["cpu_s"] = {
+            str(r["seed"]): r["train_cpu_s"] + r["eval_cpu_s"] if "train_cpu_s" in r else None for r in fin
+        }
         out[arm] = entry
     return out
 

@@ -264,7 +264,7 @@ def run_one(study: dict[str, Any], arm: str, seed: int, work_dir: Path, fresh: b
     label = study["arms"][arm].get("label", arm)
     base = {"arm": arm, "label": label, "seed": seed, "fingerprint": fingerprint}
     print(f"[{arm} seed {seed}] training -> {run_dir}", flush=True)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     try:
         history = train_by_epoch(cfg, run_dir)
     except NonFiniteLossError as err:  # a diverged run is a result too: record it, never drop it
@@ -272,19 +272,19 @@ def run_one(study: dict[str, Any], arm: str, seed: int, work_dir: Path, fresh: b
         result_path.write_text(json.dumps(record, indent=1))
         print(f"[{arm} seed {seed}] diverged: {err}", flush=True)
         return record
-    train_time = time.perf_counter() - start
+    train_time, train_cpu = time.perf_counter() - start, time.process_time() - cpu_start
     epoch = select_epoch(history)
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model, _ = load_trained_model(run_dir / f"epoch{epoch}.pt", device=device)
     d = cfg.data
     test = build_dataset(d.name, root=d.root, split="test", **d.kwargs)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     result = evaluate_run(model, test, ev, seed)
     if "flops" in ev["metrics"]:
         result["flops_per_image"] = _flops(model, torch.stack([test[i][0] for i in range(4)]).to(device))
     if "research_pgd" in ev["metrics"]:
         result["research_pgd"] = research_metric(run_dir, cfg.train.epochs, test, ev, seed, device)
-    eval_time = time.perf_counter() - start
+    eval_time, eval_cpu = time.perf_counter() - start, time.process_time() - cpu_start
     record = {
         **base,
         "diverged": False,
@@ -292,6 +292,8 @@ def run_one(study: dict[str, Any], arm: str, seed: int, work_dir: Path, fresh: b
         "validation": [{k: rec.get(k) for k in ("epoch", "sa", "ra", "train_loss")} for rec in history],
         "train_time_s": round(train_time, 1),
         "eval_time_s": round(eval_time, 1),
+        "train_cpu_s": round(train_cpu, 1),  # CPU time of this process: the wall time on an idle core
+        "eval_cpu_s": round(eval_cpu, 1),
         "result": result,
     }
     result_path.write_text(json.dumps(record, indent=1))

@@ -73,7 +73,7 @@ def write_table(results: dict[str, Any], path: Path) -> str:
     domain = "domain_routing" in ev["metrics"]
     if domain:
         cols += ["routing = domain (%, mean over layers)"]
-    cols += ["MFLOPs / image", "collapsed layers", "selected epoch"]
+    cols += ["MFLOPs / image", "collapsed layers", "selected epoch", "CPU-s per run"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for arm in results["arms"]:
         entry = summary[arm]
@@ -87,6 +87,7 @@ def write_table(results: dict[str, Any], path: Path) -> str:
             row += [_ms(entry.get("domain_agreement", {}).values())]
         flops = [f / 1e6 if f is not None else None for f in entry["flops_per_image"].values()]
         row += [_ms(flops, 2), _ms(entry["collapsed_layers"].values()), _ms(entry["selected_epoch"].values())]
+        row += [_ms(entry.get("cpu_s", {}).values(), 0)]
         lines.append("| " + " | ".join(row) + " |")
     comp = [
         "| comparison (first - second) | eps | pairs | mean diff | 95% CI (t) | 95% CI (bootstrap) | p | p (Holm) "
@@ -115,7 +116,8 @@ def write_table(results: dict[str, Any], path: Path) -> str:
                 else ""
             )
             + ". FLOPs: fvcore, one multiply-add = one FLOP, router included, active experts only; "
-            '"collapsed" = MoE layers sending >= 95% of the clean test images to one expert.',
+            '"collapsed" = MoE layers sending >= 95% of the clean test images to one expert. CPU-s: the run\'s '
+            "process CPU time (training + evaluation; one thread), i.e. its wall time on an idle core.",
             "",
             *lines,
             "",
