@@ -192,8 +192,10 @@ def collect(study, arms, seeds, work_dir) -> list[dict[str, Any]]:
 def run_all(study, arms, seeds, work_dir, jobs, threads, fresh) -> list[dict[str, Any]]:
     """Every (arm, seed) run, ``jobs`` at a time in separate processes (1: in this process)."""
     costly = {"advmoe_research": 0, "advmoe_task": 1, "dense": 2, "moe_at": 3}  # longest first
-    # seed by seed (a cut-short study still has complete pairs), longest arm first within a seed
-    tasks = sorted(((a, s) for s in seeds for a in arms), key=lambda t: (seeds.index(t[1]), costly.get(t[0], 4)))
+    # seed by seed (a cut-short study still has complete pairs); within a seed the longest arm first when
+    # many runs share the machine (shorter total), the cheapest first with 1-2 jobs (more runs finish early)
+    order = (lambda a: costly.get(a, 4)) if jobs > 2 else (lambda a: -costly.get(a, 4))
+    tasks = sorted(((a, s) for s in seeds for a in arms), key=lambda t: (seeds.index(t[1]), order(t[0])))
     if jobs <= 1:
         return [run_one(study, a, s, work_dir, fresh) for a, s in tasks]
     os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), str(ROOT), os.environ.get("PYTHONPATH", "")])
@@ -235,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
 
-    start = time.perf_counter()
+    start, code = time.perf_counter(), commit()  # the code the runs start from
     if args.collect_only:
         records = collect(study, arms, seeds, work_dir)
         if not records:
@@ -252,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": " ".join(
             ["python", *([sys.argv[0]] if argv is None else ["run_study.py"]), *(argv or sys.argv[1:])]
         ),
-        "commit": commit(),
+        "commit": code,
         "machine": machine(),
         "jobs": jobs,
         "threads_per_run": args.threads,
