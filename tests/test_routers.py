@@ -11,7 +11,7 @@ BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
 def test_research_router_state_dict_names_match_the_research_code():
-    router = ResearchRouter(num_experts=3)
+    router = ResearchRouter(num_experts=3, input_norm=False)
     expected = {"conv1.weight", *(f"bn1.{b}" for b in BN), "fc.weight", "fc.bias"}
     for stage in (1, 2, 3):
         for block in range(3):
@@ -32,9 +32,11 @@ def test_research_router_scores_and_gradients():
 
 
 def test_per_layer_router_is_pool_plus_linear():
-    router = PerLayerRouter(5, 3)
+    router = PerLayerRouter(5, 3, input_norm=False)
     x = torch.randn(2, 5, 4, 6)
     torch.testing.assert_close(router(x), router.fc(x.mean((2, 3))))
+    normed = PerLayerRouter(5, 3).train()
+    torch.testing.assert_close(normed(x), normed.fc(normed.input_norm(x.mean((2, 3)))))
     with pytest.raises(ValueError, match="num_experts"):
         PerLayerRouter(5, 0)
 

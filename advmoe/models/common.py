@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from advmoe.nn import ResearchRouter, Router, SparseMoEConv2d
+from advmoe.nn import PerLayerRouter, ResearchRouter, Router, SparseMoEConv2d
 
 ROUTERS = ("research", "per_layer")
 
@@ -26,6 +26,8 @@ class ModelSpec:
         top_k: experts per sample.
         router: "research" (one CNN router on the image drives every MoE layer) or "per_layer".
         backend: the ``sparse_moe_conv2d`` backend of every MoE layer.
+        router_norm: routers standardise their pooled features (``advmoe.nn.routers.RouterInputNorm``) so
+            routing starts balanced; False gives the research code's router exactly (checkpoint import).
     """
 
     num_experts: int | None = None
@@ -33,6 +35,7 @@ class ModelSpec:
     top_k: int = 1
     router: str = "research"
     backend: str = "auto"
+    router_norm: bool = True
 
     def __post_init__(self):
         if self.num_experts is not None and (
@@ -47,6 +50,8 @@ class ModelSpec:
             raise ValueError(f"top_k ({self.top_k}) must not exceed num_experts ({self.num_experts})")
         if self.router not in ROUTERS:
             raise ValueError(f"router must be one of {ROUTERS}, got {self.router!r}")
+        if not isinstance(self.router_norm, bool):
+            raise ValueError(f"router_norm must be True or False, got {self.router_norm!r}")
 
     @property
     def moe(self) -> bool:
@@ -72,21 +77,29 @@ class ModelSpec:
         if self.moe and moe:
             return SparseMoEConv2d(
                 in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
-                bias=bias, num_experts=self.num_experts, top_k=self.top_k,
-                router="per_layer" if self.router == "per_layer" else None, backend=self.backend,
+                bias=bias, num_experts=self.num_experts, top_k=self.top_k, backend=self.backend,
+                router=PerLayerRouter(in_channels, self.num_experts, input_norm=self.router_norm)
+                if self.router == "per_layer" else None,
             )  # fmt: skip
         return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=bias)
 
     def model_router(self, in_channels: int) -> Router | None:
         """The model-level router (a ``ResearchRouter``) for research routing, else None."""
         if self.moe and self.router == "research":
-            return ResearchRouter(self.num_experts, in_channels)
+            return ResearchRouter(self.num_experts, in_channels, input_norm=self.router_norm)
         return None
 
 
 def init_weights(model: nn.Module) -> None:
-    """Kaiming-normal (fan_out) convolutions, unit/zero norms, zero linear biases (outside routers)."""
+    """Kaiming-normal (fan_out) convolutions and unit/zero norms, outside routers.
+
+    Routers keep PyTorch's default initialisation: the research code builds its router after
+    ``initialize_weights(model)`` (``train_moe.py`` lines 190, 194), so its router is never re-initialised.
+    """
+    in_routers = {id(m) for router in model.modules() if isinstance(router, Router) for m in router.modules()}
     for module in model.modules():
+        if id(module) in in_routers:
+            continue
         if isinstance(module, (nn.Conv2d, SparseMoEConv2d)):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             if module.bias is not None:

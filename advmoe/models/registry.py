@@ -38,6 +38,7 @@ def create_model(
     in_channels: int = 3,
     normalize: tuple | None = None,
     backend: str = "auto",
+    router_norm: bool = True,
     **kwargs,
 ) -> nn.Module:
     """Builds a dense or MoE model of the zoo. Inputs are images in [0, 1].
@@ -54,6 +55,8 @@ def create_model(
         in_channels: image channels.
         normalize: None or (mean, std) sequences per channel, applied inside the model.
         backend: ``sparse_moe_conv2d`` backend of the MoE layers.
+        router_norm: routers standardise their pooled features so routing starts balanced (default);
+            False builds the research code's router exactly (used to import its checkpoints).
         **kwargs: architecture-specific options (see the builder).
 
     Returns:
@@ -74,10 +77,13 @@ def create_model(
         normalize = tuple([float(v) for v in seq] for seq in normalize)
         if any(len(seq) != in_channels for seq in normalize):
             raise ValueError(f"normalize mean and std need {in_channels} values (in_channels), got {normalize!r}")
-    spec = ModelSpec(num_experts=num_experts, ratio=ratio, top_k=top_k, router=router, backend=backend)
+    spec = ModelSpec(
+        num_experts=num_experts, ratio=ratio, top_k=top_k, router=router, backend=backend, router_norm=router_norm
+    )
     model = _MODELS[name](spec, num_classes=num_classes, in_channels=in_channels, normalize=normalize, **kwargs)
     model.config = {
         "name": name, "num_classes": num_classes, "num_experts": num_experts, "ratio": ratio, "top_k": top_k,
-        "router": router, "in_channels": in_channels, "normalize": normalize, "backend": backend, **kwargs,
+        "router": router, "in_channels": in_channels, "normalize": normalize, "backend": backend,
+        "router_norm": router_norm, **kwargs,
     }  # fmt: skip
     return model
