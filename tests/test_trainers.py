@@ -133,11 +133,11 @@ def test_trades_and_research_router_loss_match_hand_computation():
     assert trades_loss(nat, adv, y, 6.0).item() == pytest.approx(expected.item(), rel=1e-5)
     scores_nat, scores_adv = nat[:, :2], adv[:, :2]
     p2, logq2 = scores_nat.softmax(1), scores_adv.log_softmax(1)
-    expected_r = F.cross_entropy(scores_nat, y % 2) + 3.0 * (p2 * (p2.log() - logq2)).sum(1).mean()
-    got = research_router_loss({"router": scores_nat}, {"router": scores_adv}, y, alpha=3.0)
+    expected_r = 2.0 * F.cross_entropy(scores_nat, y % 2) + 3.0 * (p2 * (p2.log() - logq2)).sum(1).mean()
+    got = research_router_loss({"router": scores_nat}, {"router": scores_adv}, y, ce_weight=2.0, kl_weight=3.0)
     assert got.item() == pytest.approx(expected_r.item(), rel=1e-5)
     with pytest.raises(ValueError, match="needs a model with routers"):
-        research_router_loss({}, {}, y, 1.0)
+        research_router_loss({}, {}, y, 1.0, 1.0)
 
 
 def test_cosine_schedule_and_warmup():

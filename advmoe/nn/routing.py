@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -96,3 +97,52 @@ def _describe(value: object) -> str:
     if isinstance(value, torch.Tensor):
         return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
     return type(value).__name__
+
+
+def entropy_balance_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy load-balancing loss ``1 - H(P) / log E`` with P the batch-mean softmax of the scores.
+
+    ``P_e = mean_b softmax(logits_b)_e``; ``H(P) = -sum_e P_e log P_e``. The loss is 0 when the batch's
+    probability mass is spread evenly over the experts and 1 when it all sits on one expert. Unlike the
+    Switch loss it needs no hard counts: every score gets a gradient, also those of an expert that no
+    sample chose (adversarial-MoE work reports it keeps routing balanced under adversarial training where
+    the Switch loss still collapses).
+
+    Args:
+        logits: (B, E) router scores.
+
+    Returns:
+        A scalar float32 tensor in [0, 1] (0 for an empty batch or E = 1).
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError(f"logits must be a (B, E) floating tensor, got {_describe(logits)}")
+    num_experts = logits.shape[1]
+    if logits.shape[0] == 0 or num_experts < 2:
+        return logits.float().sum() * 0.0
+    mean_prob = torch.softmax(logits.float(), dim=1).mean(0)
+    entropy = -(mean_prob * torch.log(mean_prob.clamp_min(1e-12))).sum()
+    return 1.0 - entropy / math.log(num_experts)
+
+
+BALANCE_LOSSES = ("entropy", "switch")
+
+
+def balance_loss(name: str, logits: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
+    """The load-balancing loss called ``name`` for one router's decisions.
+
+    Args:
+        name: "entropy" (``entropy_balance_loss``) or "switch" (``load_balance_loss``, ``E * sum f_e P_e``).
+        logits: (B, E) router scores.
+        expert_idx: (B, k) experts chosen from them (used by "switch").
+
+    Returns:
+        A scalar tensor.
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones).
+    """
+    if name == "entropy":
+        return entropy_balance_loss(logits)
+    if name == "switch":
+        return load_balance_loss(logits, expert_idx)
+    raise ValueError(f"unknown balance loss {name!r}; known: {', '.join(BALANCE_LOSSES)}")

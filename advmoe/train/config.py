@@ -14,14 +14,15 @@ train.attack.alpha                     5/255         research code ``--step-size
 train.attack.steps                     2             research code ``--num-steps``
 train.attack_mode                      ``eval``      research code generates attacks in eval mode
 train.optimizer / router_optimizer     SGD           research code ``--optimizer sgd``
-  .lr                                  0.1           research code ``--lr`` / ``--router-lr``
+  .lr                                  0.1           research code ``--lr`` (also the router's: its
+                                                     ``--router-lr`` is parsed but never used)
   .momentum                            0.9           research code ``--momentum``
   .weight_decay                        5e-4          research code ``--wd`` (all parameters)
   .schedule                            cosine        research code ``--lr-schedule cosine`` (both groups)
 train.epochs                           100           research code ``--epochs``
 train.batch_size                       128           research code ``--batch-size``
 train.beta (TRADES)                    6.0           research code ``--beta``; TRADES paper
-train.router_alpha (research recipe)   6.0           research code ``--alpha`` (router KL weight)
+train.router_alpha (research recipe)   6.0           research code ``--alpha`` (weight of CE(router, y mod E))
 train.eval_attack                      PGD-10, 2/255 research code ``--num-steps-test``/``--step-size-test``
 seed                                   1234          research code ``--seed``
 =====================================  ============  ==============================================
@@ -33,6 +34,7 @@ sets it once per epoch, from ``(epoch - 1) / epochs``), and every loss is comput
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +53,8 @@ __all__ = [
 ]
 
 STRATEGIES = ("pgd_at", "trades", "moe_at", "advmoe")
+ROUTERS = ("research", "per_layer")  # advmoe.models.common.ROUTERS (not imported: keeps this module light)
+BALANCE_LOSSES = ("entropy", "switch")  # advmoe.nn.routing.BALANCE_LOSSES
 _DEFAULT_LOSS = {"pgd_at": "ce", "trades": "trades", "moe_at": "ce", "advmoe": "ce"}
 
 
@@ -69,6 +73,8 @@ class ModelConfig:
         ratio: width ratio r of each expert (and of the dense model).
         top_k: experts per sample.
         router: ``research`` (one model-level CNN router) or ``per_layer``.
+        router_norm: routers standardise their pooled features so routing starts balanced (default true);
+            false is the research code's router architecture exactly.
         normalize: ``dataset`` (the dataset's mean/std from ``advmoe.data.dataset_info``), None (no
             normalisation), or ``[mean, std]`` lists; applied inside the model (inputs stay in [0, 1]).
         backend: sparse-op backend (``auto`` picks the fastest available).
@@ -80,11 +86,15 @@ class ModelConfig:
     ratio: float = 1.0
     top_k: int = 1
     router: str = "research"
+    router_norm: bool = True
     normalize: str | list | None = "dataset"
     backend: str = "auto"
     kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _check_choice("model.router", self.router, ROUTERS)
+        if not isinstance(self.router_norm, bool):
+            raise ValueError(f"model.router_norm must be true or false, got {self.router_norm!r}")
         if isinstance(self.normalize, str) and self.normalize != "dataset":
             raise ValueError(f"model.normalize must be 'dataset', None or [mean, std], got {self.normalize!r}")
 
@@ -188,14 +198,24 @@ class TrainConfig:
         epochs: training epochs.
         batch_size: global batch size (split across processes under torchrun).
         beta: TRADES trade-off (weight of the KL term).
-        router_loss: AdvMoE router-step loss: ``task`` (the same loss as the expert step) or ``research``
-            (the research recipe: CE(router logits, y mod E) + ``router_alpha`` * KL between clean and
-            adversarial router scores, computed stably; both steps then use its attack, TRADES-KL plus a
-            router-score KL term, from a small Gaussian start).
-        router_alpha: weight of the router-score KL term of the research recipe.
+        router_loss: AdvMoE router-step loss: ``task`` (the same loss as the expert step; router step first,
+            then the expert step) or ``research`` (the research recipe, see docs/training.md: expert step
+            first, then a fresh attack and a router step minimising ``router_alpha * CE(s(x), y mod E) +
+            beta * KL(softmax s(x) || softmax s(x_adv))`` for the model-level router's scores s; both attacks
+            maximise the output KL plus the router-score KL; computed stably). Needs ``model.router=research``.
+        router_alpha: weight of the routing supervision CE(s(x), y mod E) in the research router step
+            (research code ``--alpha``); the router-score KL there is weighted by ``beta``, as in the research code.
         router_steps: router updates per batch (AdvMoE), each with fresh adversarial examples.
         expert_steps: expert updates per batch (AdvMoE), each with fresh adversarial examples.
-        balance_weight: weight of the models' load-balancing loss (0: off, as in the research code).
+        balance_loss: load-balancing term added to every loss that trains routers, averaged over the routers:
+            ``entropy`` (``1 - H(mean softmax) / log E``, default) or ``switch`` (``E * sum_e f_e P_e``); applied
+            identically by ``moe_at`` and ``advmoe`` (not by the research router step, whose ``y mod E``
+            supervision balances the experts).
+        balance_weight: its weight (>= 0; 0 switches it off, as in the research code).
+        decay_unused_experts: false (default): an expert that received no samples in an update's forward
+            pass gets no weight decay on its rows of that layer's weight and bias in that update (weight
+            decay would otherwise shrink a never-chosen expert towards zero and make a collapse permanent);
+            true: plain weight decay on every parameter (the research code).
         attack: training attack.
         attack_mode: model mode while generating training attacks: ``eval`` (research code) or ``train``.
         optimizer: optimizer of all parameters (joint strategies) or of the experts/backbone (AdvMoE).
@@ -221,7 +241,9 @@ class TrainConfig:
     router_alpha: float = 6.0
     router_steps: int = 1
     expert_steps: int = 1
-    balance_weight: float = 0.0
+    balance_loss: str = "entropy"
+    balance_weight: float = 0.1
+    decay_unused_experts: bool = False
     attack: AttackConfig = field(default_factory=AttackConfig)
     attack_mode: str = "eval"
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -247,6 +269,12 @@ class TrainConfig:
                 f"use strategy 'moe_at' or 'advmoe' to choose the loss (got loss={self.loss!r})"
             )
         _check_choice("train.router_loss", self.router_loss, ("task", "research"))
+        _check_choice("train.balance_loss", self.balance_loss, BALANCE_LOSSES)
+        weight = self.balance_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or math.isnan(weight) or weight < 0:
+            raise ValueError(f"train.balance_weight must be a number >= 0, got {weight!r}")
+        if not math.isfinite(weight):
+            raise ValueError(f"train.balance_weight must be finite, got {weight!r}")
         _check_choice("train.attack_mode", self.attack_mode, ("eval", "train"))
         if self.router_loss == "research" and self.strategy != "advmoe":
             raise ValueError("train.router_loss='research' only applies to train.strategy='advmoe'")
@@ -277,6 +305,14 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 1234
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.train.router_loss == "research" and self.model.router != "research":
+            raise ValueError(
+                f"the research recipe (train.router_loss='research') needs a model-level router: set "
+                f"model.router='research' (got model.router={self.model.router!r}); per-layer routers train with "
+                "train.router_loss='task'"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON/checkpoint-safe)."""

@@ -13,7 +13,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from advmoe.nn import expert_parameters, forward_with_aux, router_parameters
+from advmoe.nn import expert_parameters, forward_with_aux, moe_layers, router_parameters
+from advmoe.nn.routing import balance_loss
 
 __all__ = ["ForwardOut", "TrainForward", "model_mode", "only_trainable", "split_parameters"]
 
@@ -22,20 +23,42 @@ ForwardOut = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
 
 
 class TrainForward(nn.Module):
-    """Wraps a model; ``forward(x1, x2, ...)`` returns one :data:`ForwardOut` per input batch."""
+    """Wraps a model; ``forward(x1, x2, ...)`` returns one :data:`ForwardOut` per input batch.
 
-    def __init__(self, model: nn.Module) -> None:
+    The balance loss of an input is ``balance`` (an ``advmoe.nn.routing.balance_loss`` name) averaged over
+    the model's routers (0 for a dense model). After each call, ``usage`` maps every MoE layer name to the
+    (E,) int64 count of routing slots each expert received, summed over the call's inputs.
+
+    Args:
+        model: the bare model.
+        balance: "entropy" or "switch".
+    """
+
+    def __init__(self, model: nn.Module, balance: str = "entropy") -> None:
         super().__init__()
         self.model = model
+        self.balance = balance
+        self.usage: dict[str, torch.Tensor] = {}
+        self._num_experts = {name: layer.num_experts for name, layer in moe_layers(model)}
 
     def forward(self, *inputs: torch.Tensor) -> tuple[ForwardOut, ...]:
         outs = []
+        usage: dict[str, torch.Tensor] = {}
         for x in inputs:
             logits, aux = forward_with_aux(self.model, x)
-            balance = aux.balance_loss
-            if not isinstance(balance, torch.Tensor):
-                balance = logits.new_tensor(float(balance))
+            losses = []
+            for name, scores in aux.router_logits.items():
+                layer = name[: -len(".router")] if name.endswith(".router") else None
+                idx = aux.routing.get(layer) if layer is not None else next(iter(aux.routing.values()), None)
+                if idx is None:  # routing frozen or recorded elsewhere: the router's own top choice
+                    idx = scores.detach().argmax(1, keepdim=True)
+                losses.append(balance_loss(self.balance, scores, idx))
+            balance = torch.stack(losses).mean() if losses else logits.new_zeros((), dtype=torch.float32)
+            for name, idx in aux.routing.items():
+                counts = torch.bincount(idx.reshape(-1), minlength=self._num_experts.get(name, 0)).cpu()
+                usage[name] = usage[name] + counts if name in usage else counts
             outs.append((logits, balance, dict(aux.router_logits)))
+        self.usage = usage
         return tuple(outs)
 
 

@@ -56,19 +56,22 @@ def research_router_loss(
     router_nat: Mapping[str, torch.Tensor],
     router_adv: Mapping[str, torch.Tensor],
     y: torch.Tensor,
-    alpha: float,
+    ce_weight: float,
+    kl_weight: float,
 ) -> torch.Tensor:
     """The research code's router-step loss, averaged over routers and computed stably.
 
-    For each router r with E outputs: ``CE(s_r(x), y mod E) + alpha * KL(softmax(s_r(x)) ||
-    softmax(s_r(x_adv)))``. The label ``y mod E`` assigns classes to experts round-robin (the research
-    code's routing supervision); the KL term asks the routing scores to survive the attack.
+    For each router r with E outputs: ``ce_weight * CE(s_r(x), y mod E) + kl_weight * KL(softmax(s_r(x)) ||
+    softmax(s_r(x_adv)))`` (research ``train_moe.py`` line 143: ``args.alpha * CE + args.beta * KL``, both 6
+    by default). The label ``y mod E`` assigns classes to experts round-robin (the routing supervision);
+    the KL term asks the routing scores to survive the attack.
 
     Args:
         router_nat: router name -> (B, E) router logits on clean inputs.
         router_adv: router name -> (B, E) router logits on adversarial inputs (same keys).
         y: (B,) int64 labels.
-        alpha: weight of the KL (router robustness) term; research code ``--alpha``.
+        ce_weight: weight of the supervision CE (``train.router_alpha``, research ``--alpha``).
+        kl_weight: weight of the router KL (``train.beta``, research ``--beta``).
 
     Returns:
         Scalar loss.
@@ -83,6 +86,6 @@ def research_router_loss(
     total = 0.0
     for name, scores in router_nat.items():
         num_experts = scores.shape[1]
-        total = total + F.cross_entropy(scores.float(), y % num_experts)
-        total = total + alpha * kl_from_logits(router_adv[name], scores)
+        total = total + ce_weight * F.cross_entropy(scores.float(), y % num_experts)
+        total = total + kl_weight * kl_from_logits(router_adv[name], scores)
     return total / len(router_nat)

@@ -2,7 +2,9 @@
 
 L-inf PGD from a small Gaussian start (0.001 * N(0, 1), as TRADES) that maximises
 KL(f(x) || f(x_adv)) + sum over routers of KL(s(x) || s(x_adv)) (router scores s), computed stably
-from logits. Used by both AdvMoE steps in that recipe, as in the research code.
+from logits (research ``train_moe.py`` lines 49-69 and 110-130). Used by both AdvMoE steps in that recipe,
+as in the research code. The research code sums each KL over the batch and we average it; the two terms
+keep their 1:1 ratio, and the sign step does not depend on a common positive factor.
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ from advmoe.train.losses import kl_from_logits
 __all__ = ["research_attack"]
 
 
-def research_attack(model: nn.Module, x: torch.Tensor, eps: float, alpha: float, steps: int) -> torch.Tensor:
+def research_attack(
+    model: nn.Module,
+    x: torch.Tensor,
+    eps: float,
+    alpha: float,
+    steps: int,
+    router_targets: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Adversarial examples against the model's outputs and its routers' scores.
 
     Args:
@@ -25,6 +34,9 @@ def research_attack(model: nn.Module, x: torch.Tensor, eps: float, alpha: float,
         eps: L-inf budget.
         alpha: step size.
         steps: iterations.
+        router_targets: router name -> (B, E) clean router scores to move away from (the research code
+            computes them once per batch in train mode, ``train_moe.py`` line 39); None: the scores of
+            the clean forward in the model's current mode.
 
     Returns:
         (B, C, H, W) adversarial inputs in [0, 1] within ``eps`` of ``x`` (detached).
@@ -32,8 +44,8 @@ def research_attack(model: nn.Module, x: torch.Tensor, eps: float, alpha: float,
     x = x.detach()
     with torch.no_grad():
         logits_nat, aux_nat = forward_with_aux(model, x)
-        routers_nat = {k: v.detach() for k, v in aux_nat.router_logits.items()}
-    x_adv = (x + 0.001 * torch.randn_like(x)).clamp(0.0, 1.0)
+        routers_nat = {k: v.detach() for k, v in (router_targets or aux_nat.router_logits).items()}
+    x_adv = x + 0.001 * torch.randn_like(x)  # research line 49: the start is not clipped
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [p.requires_grad for p in params]
     for p in params:

@@ -16,8 +16,17 @@ from advmoe.train.config import OptimizerConfig
 __all__ = ["build_optimizer", "lr_at", "set_lr"]
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig, masked_decay: Iterable[torch.nn.Parameter] = ()
+) -> torch.optim.Optimizer:
     """SGD (momentum, weight decay, optional Nesterov) or Adam over ``params``.
+
+    Args:
+        params: the parameters.
+        cfg: the optimizer settings.
+        masked_decay: parameters among ``params`` whose weight decay the caller applies itself (per expert
+            row, see ``Strategy``): they go to a second group with ``weight_decay=0`` that records the
+            configured value as ``"masked_decay"``.
 
     Raises:
         ValueError: ``params`` is empty.
@@ -25,11 +34,19 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig) 
     params = list(params)
     if not params:
         raise ValueError("cannot build an optimizer over an empty parameter list")
+    masked = {id(p) for p in masked_decay}
+    groups = [{"params": [p for p in params if id(p) not in masked]}]
+    if masked and cfg.weight_decay > 0:
+        groups.append({"params": [p for p in params if id(p) in masked], "weight_decay": 0.0})
+        groups[-1]["masked_decay"] = cfg.weight_decay
+    else:
+        groups[0]["params"] = params
+    groups = [g for g in groups if g["params"]]
     if cfg.name == "sgd":
         return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
+            groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
         )
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def lr_at(cfg: OptimizerConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from advmoe.train.forward import TrainForward
 from advmoe.train.losses import NonFiniteLossError
 from advmoe.train.monitor import RunLog, evaluate_sa_ra
 from advmoe.train.schedule import build_optimizer, lr_at, set_lr
-from advmoe.train.strategies import Strategy, optimizer_groups
+from advmoe.train.strategies import Strategy, expert_row_parameters, optimizer_groups
 
 __all__ = ["CHECKPOINT_FORMAT", "build_model", "load_trained_model", "train"]
 
@@ -60,6 +61,7 @@ def build_model(cfg: ExperimentConfig) -> tuple[nn.Module, dict[str, Any]]:
         "ratio": m.ratio,
         "top_k": m.top_k,
         "router": m.router,
+        "router_norm": m.router_norm,
         "in_channels": int(info.in_channels),
         "normalize": None if normalize is None else [[float(v) for v in part] for part in normalize],
         "backend": m.backend,
@@ -147,7 +149,9 @@ class _Run:
         groups = optimizer_groups(t, self.model)
         opt_cfg = {"model": t.optimizer, "expert": t.optimizer, "router": t.router_optimizer}
         self.opt_cfg = {name: opt_cfg[name] for name in groups}
-        self.optimizers = {name: build_optimizer(params, opt_cfg[name]) for name, params in groups.items()}
+        rows = [p for p in self.model.parameters() if id(p) in expert_row_parameters(self.model)]
+        masked = () if t.decay_unused_experts else rows
+        self.optimizers = {name: build_optimizer(params, opt_cfg[name], masked) for name, params in groups.items()}
         self.state: dict[str, Any] = {
             "epoch": 0,
             "batch_in_epoch": 0,
@@ -163,7 +167,7 @@ class _Run:
                 opt.load_state_dict(ckpt["optimizers"][name])
             self.state.update(ckpt["state"])
 
-        forward: nn.Module = TrainForward(self.model)
+        forward: nn.Module = TrainForward(self.model, t.balance_loss)
         if dist.enabled:
             forward = nn.parallel.DistributedDataParallel(
                 forward,
@@ -301,11 +305,22 @@ class _Run:
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
             sums["n"] = sums.get("n", 0) + 1
-            if t.log_every_steps and st["global_step"] % t.log_every_steps == 0:
+            step_usage = usage_shares(self.strategy.last_usage)
+            epoch_usage = st.setdefault("usage", {})
+            for name, counts in self.strategy.last_usage.items():
+                old = epoch_usage.get(name, [0] * len(counts))
+                epoch_usage[name] = [a + int(b) for a, b in zip(old, counts.tolist(), strict=True)]
+            self._warn_collapse(step_usage, st["global_step"])
+            first = st["global_step"] == 1
+            if t.log_every_steps and (first or st["global_step"] % t.log_every_steps == 0):
                 lr_fields = {f"lr_{k}": v for k, v in lrs.items()}
-                self.log.event("step", step=st["global_step"], epoch=epoch, **metrics, **lr_fields)
+                extra = {"usage": step_usage} if step_usage else {}
+                self.log.event("step", step=st["global_step"], epoch=epoch, **metrics, **lr_fields, **extra)
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", adv_acc=f"{100 * metrics['adv_acc']:.1f}", **last_eval)
+            postfix = {"loss": f"{metrics['loss']:.3f}", "adv_acc": f"{100 * metrics['adv_acc']:.1f}", **last_eval}
+            if epoch_usage:
+                postfix["top_expert_%"] = usage_line(usage_shares(epoch_usage))
+            bar.set_postfix(**postfix)
             if st["batch_in_epoch"] >= self.steps_per_epoch:
                 break
             if t.save_every_steps and st["global_step"] % t.save_every_steps == 0:
@@ -314,6 +329,24 @@ class _Run:
         if st["batch_in_epoch"] >= self.steps_per_epoch:
             st["epoch"] += 1
             st["batch_in_epoch"] = 0
+
+    def _warn_collapse(self, usage: dict[str, list[float]], step: int) -> None:
+        """Warns (once per layer and run) when a layer sends >= 95% of a step's routing slots to one expert."""
+        warned = self.__dict__.setdefault("_collapse_warned", set())
+        bad = {name: max(shares) for name, shares in usage.items() if max(shares) >= COLLAPSE_SHARE}
+        new = {name: v for name, v in bad.items() if name not in warned}
+        if not new:
+            return
+        warned.update(new)
+        self.log.event("collapse_warning", step=step, layers=new)
+        if self.dist.is_main:
+            text = ", ".join(f"{name} {100 * v:.0f}%" for name, v in new.items())
+            warnings.warn(
+                f"step {step}: MoE layer(s) send >= {100 * COLLAPSE_SHARE:.0f}% of their samples to one expert: {text} "
+                "(raise train.balance_weight, or check the router); warned once per layer",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def _end_of_epoch(self, evaluate: bool) -> None:
         t, st = self.cfg.train, self.state
@@ -329,8 +362,14 @@ class _Run:
             record["train_router_loss"] = sums["router_loss"] / n
         for name, opt in self.optimizers.items():
             record[f"lr_{name}"] = opt.param_groups[0]["lr"]
+        usage = usage_shares(st.get("usage", {}))
+        if usage:
+            top = {name: max(shares) for name, shares in usage.items()}
+            record["max_expert_share"] = max(top.values())
+            record["collapsed_layers"] = sum(v >= COLLAPSE_SHARE for v in top.values())
         if st["batch_in_epoch"] == 0:
             st["sums"] = {}
+            st["usage"] = {}
         if evaluate:
             loader = eval_batches(
                 self.test_set,
@@ -343,12 +382,13 @@ class _Run:
             result = evaluate_sa_ra(self.model, loader, t.eval_attack, self.device, self.dist)
             record.update(sa=result["sa"], ra=result["ra"], eval_samples=result["n"])
         st["history"] = [*st["history"], record]
-        self.log.event("epoch", **record)
+        self.log.event("epoch", **record, **({"usage": usage} if usage else {}))
         self.log.epochs(st["history"])
         if self.dist.is_main and evaluate:
             tqdm.write(
                 f"epoch {record['epoch']:g}: loss {record['train_loss']:.4f}  SA {100 * record['sa']:.2f}%  "
                 f"RA {100 * record['ra']:.2f}% (PGD-{t.eval_attack.steps}, {record['eval_samples']} test samples)"
+                + (f"  top-expert share per MoE layer (train, %): {usage_line(usage)}" if usage else "")
             )
         improved = evaluate and record["ra"] > st["best_ra"]
         if improved:
@@ -356,6 +396,29 @@ class _Run:
         self._save("last.pt")
         if improved:
             self._save("best_ra.pt")
+
+
+COLLAPSE_SHARE = 0.95
+
+
+def usage_shares(counts: dict) -> dict[str, list[float]]:
+    """Per MoE layer, the share of routing slots each expert got (rounded to 4 digits)."""
+    out = {}
+    for name, values in counts.items():
+        values = [float(v) for v in (values.tolist() if isinstance(values, torch.Tensor) else values)]
+        total = sum(values)
+        if total > 0:
+            out[name] = [round(v / total, 4) for v in values]
+    return out
+
+
+def usage_line(usage: dict[str, list[float]], limit: int = 16) -> str:
+    """The top expert's share (%) per MoE layer, in forward order, e.g. ``"52/61/70"``."""
+    tops = [f"{100 * max(shares):.0f}" for shares in usage.values()]
+    line = "/".join(tops[:limit])
+    if len(tops) > limit:
+        line += f"/... ({len(tops)} layers, max {max(100 * max(s) for s in usage.values()):.0f})"
+    return line
 
 
 def _seed_everything(seed: int) -> None:
