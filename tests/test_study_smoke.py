@@ -181,3 +181,16 @@ def test_research_attack_and_domain_agreement():
     assert agree == {"a": 1.0, "b": 0.5}
     assert run.select_epoch([{"epoch": 1.0, "ra": 0.3}, {"epoch": 2.0, "ra": 0.5}, {"epoch": 3.0, "ra": 0.5}]) == 3
     assert not math.isnan(agree["b"])
+
+
+def test_checkpoints_of_another_config_are_not_resumed(smoke, tmp_path):
+    module, out, _ = smoke
+    run_dir = out / "runs" / "slim_seed0"
+    before = (run_dir / "epoch1.pt").stat().st_mtime_ns
+    stamp = json.loads((run_dir / "fingerprint.json").read_text())
+    (run_dir / "fingerprint.json").write_text(json.dumps({**stamp, "seed": 99}))  # as if another config made them
+    (run_dir / "result.json").unlink()
+    module.main(["--profile", "smoke", "--out", str(tmp_path), "--work-dir", str(out / "runs"), "--arms", "slim",
+                 "--seeds", "0"])  # fmt: skip
+    assert (run_dir / "epoch1.pt").stat().st_mtime_ns != before  # retrained, not resumed
+    assert json.loads((run_dir / "fingerprint.json").read_text()) == stamp

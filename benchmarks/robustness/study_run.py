@@ -258,9 +258,12 @@ def run_one(study: dict[str, Any], arm: str, seed: int, work_dir: Path, fresh: b
         if record.get("fingerprint") == fingerprint:
             print(f"[{arm} seed {seed}] reusing {result_path}", flush=True)
             return record
-    if fresh and run_dir.exists():
+    stamp = run_dir / "fingerprint.json"  # epoch checkpoints are resumed only if they come from this config
+    stale = run_dir.exists() and (not stamp.is_file() or json.loads(stamp.read_text()) != fingerprint["config"])
+    if run_dir.exists() and (fresh or stale):
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(fingerprint["config"]))
     label = study["arms"][arm].get("label", arm)
     base = {"arm": arm, "label": label, "seed": seed, "fingerprint": fingerprint}
     print(f"[{arm} seed {seed}] training -> {run_dir}", flush=True)
