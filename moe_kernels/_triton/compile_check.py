@@ -30,8 +30,13 @@ _DTYPES = ("bf16", "fp16", "fp32")
 # Per-block shared memory limits (bytes, with opt-in) by compute capability.
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 # Shapes of the check: name -> (C_in, expert width, kernel, stride); c64w64 is the target layer,
-# c35w40 exercises the masked (non-EVEN) paths.
-SHAPES = {"c64w64": (64, 64, (3, 3), (1, 1)), "c35w40": (35, 40, (3, 3), (1, 1)), "c128w128s2": (128, 128, (3, 3), (2, 2))}
+# c35w40 odd channel counts (zero-padded to 48 by the launcher), c3w64s1 a stem-like first layer.
+SHAPES = {
+    "c64w64": (64, 64, (3, 3), (1, 1)),
+    "c35w40": (35, 40, (3, 3), (1, 1)),
+    "c128w128s2": (128, 128, (3, 3), (2, 2)),
+    "c3w64": (3, 64, (3, 3), (1, 1)),
+}
 
 
 @dataclass

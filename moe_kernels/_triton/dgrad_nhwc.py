@@ -24,7 +24,7 @@ import triton.language as tl
 from moe_kernels._triton.spec import launch
 
 
-# go: (B, H_out, W_out, k*WIDTH) NHWC view, channel stride 1; wp: (E, KH*KW*WIDTH, C_in) packed weight;
+# go: (B, H_out, W_out, k*WIDTH) NHWC view, channel stride 1; wp: (E, KH*KW*WIDTH, WP_COLS >= C_in) packed weight;
 # x: (B, H, W, C_in) NHWC view (channel stride 1); gate: (B, k);
 # gx: (B, H, W, C_in) view (k = 1) or (B, k, H, W, C_in) buffer, strides (sob, soj, soh, sow), channel stride 1;
 # gate_part: (cdiv(C_in, BLOCK_N), rows) partial sums. grid: (programs,), persistent over T * cdiv(C_in, BLOCK_N).
@@ -32,7 +32,7 @@ from moe_kernels._triton.spec import launch
 def moe_conv_dgrad_nhwc_kernel(
     go_ptr, wp_ptr, x_ptr, gate_ptr, gx_ptr, gpart_ptr,
     sample_ptr, slot_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
-    num_tiles, total_rows, C_in, H, W, H_out, W_out, WIDTH,
+    num_tiles, total_rows, C_in, H, W, H_out, W_out, WIDTH, WP_COLS,
     sgob, sgoh, sgow,
     sxb, sxh, sxw,
     sgb, sgk,
@@ -69,7 +69,7 @@ def moe_conv_dgrad_nhwc_kernel(
 
             c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             c_mask = c < C_in
-            w_e = wp_ptr + expert * (KH * KW * WIDTH) * C_in
+            w_e = wp_ptr + expert * (KH * KW * WIDTH) * WP_COLS
 
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
             for step in range(0, k_steps):
@@ -84,7 +84,7 @@ def moe_conv_dgrad_nhwc_kernel(
                 row_ok = row_mask & (ohn >= 0) & (own >= 0) & (ohn == oh * stride_h) & (own == ow * stride_w)
                 row_ok = row_ok & (oh < H_out) & (ow < W_out)
                 a_ptrs = (go_b + oh * sgoh + ow * sgow)[:, None] + (n0 + ck)[None, :]
-                w_ptrs = w_e + (tap * WIDTH + n0 + ck).to(tl.int64)[:, None] * C_in + c[None, :]
+                w_ptrs = w_e + (tap * WIDTH + n0 + ck).to(tl.int64)[:, None] * WP_COLS + c[None, :]
                 if EVEN_K:
                     a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
                     if EVEN_N:  # noqa: SIM108 (constexpr branch)
@@ -114,20 +114,21 @@ def moe_conv_dgrad_nhwc_kernel(
                 tl.store(gx_ptr + out_row[:, None] + c[None, :], acc.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
-def launch_dgrad_nhwc(go_nhwc, packed, x_nhwc, gate, grad_x, gate_part, sorted_slots, schedule, width, stride,
+def launch_dgrad_nhwc(go_nhwc, packed, x_nhwc, c_in, gate, grad_x, gate_part, sorted_slots, schedule, width, stride,
                       padding, dilation, kernel_size, dot, config, programs):  # fmt: skip
     """Launches the input-gradient v2 kernel (arguments prepared by ``moe_kernels.triton_conv``).
 
     Args:
-        go_nhwc: (B, H_out, W_out, k*w) channel stride 1; packed: (E, kh*kw*w, C_in) "dgrad" pack;
-        x_nhwc: (B, H, W, C_in) channel stride 1; gate: (B, k) or None.
+        go_nhwc: (B, H_out, W_out, k*w) channel stride 1 (w: the ``width`` argument, possibly zero-padded);
+        packed: (E, kh*kw*w, >= C_in) "dgrad" pack; x_nhwc: (B, H, W, >= C_in) channel stride 1; c_in: C_in;
+        gate: (B, k) or None.
         grad_x: None, (B, H, W, C_in) channel stride 1 (k = 1, written directly) or (B, k, H, W, C_in) buffer.
         gate_part: None or (cdiv(C_in, block_n), B*k*H*W) buffer of per-row partial gate-gradient sums.
         sorted_slots, schedule (rows_per_slot = H*W, block_rows = config.block_m), width, stride, padding,
         dilation, kernel_size, dot, config, programs: as in ``launch_forward_nhwc``.
     """
     sample, slot = sorted_slots
-    batch, height, wid, c_in = x_nhwc.shape
+    batch, height, wid, _ = x_nhwc.shape  # x_nhwc may carry zero-padded channels
     if grad_x is None:
         out_strides = (0, 0, 0, 0)
     elif grad_x.dim() == 4:
@@ -140,6 +141,7 @@ def launch_dgrad_nhwc(go_nhwc, packed, x_nhwc, gate, grad_x, gate_part, sorted_s
         sample_ptr=sample, slot_ptr=slot, tile_expert_ptr=schedule.tile_expert, tile_start_ptr=schedule.tile_start,
         tile_end_ptr=schedule.tile_end, num_tiles=schedule.num_tiles, total_rows=sample.shape[0] * height * wid,
         C_in=c_in, H=height, W=wid, H_out=go_nhwc.shape[1], W_out=go_nhwc.shape[2], WIDTH=width,
+        WP_COLS=packed.shape[2],
         sgob=go_nhwc.stride(0), sgoh=go_nhwc.stride(1), sgow=go_nhwc.stride(2),
         sxb=x_nhwc.stride(0), sxh=x_nhwc.stride(1), sxw=x_nhwc.stride(2),
         **dict(zip(("sgb", "sgk"), gate.stride() if gate is not None else (0, 0), strict=True)),
@@ -148,7 +150,8 @@ def launch_dgrad_nhwc(go_nhwc, packed, x_nhwc, gate, grad_x, gate_part, sorted_s
         dil_w=dilation[1],
     )  # fmt: skip
     consts = dict(
-        KH=kernel_size[0], KW=kernel_size[1], EVEN_K=width % config.block_k == 0, EVEN_N=c_in % config.block_n == 0,
+        KH=kernel_size[0], KW=kernel_size[1], EVEN_K=width % config.block_k == 0,
+        EVEN_N=packed.shape[2] % config.block_n == 0,
         HAS_GATE=gate is not None, NEED_X=grad_x is not None, NEED_GATE=gate_part is not None,
         ACC_DTYPE=dot.acc_dtype, UPCAST=dot.upcast, INPUT_PRECISION=dot.input_precision,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,

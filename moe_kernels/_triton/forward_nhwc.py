@@ -23,7 +23,7 @@ import triton.language as tl
 from moe_kernels._triton.spec import launch
 
 
-# x: (B, H, W, C_in) NHWC view, channel stride 1; wp: (E, KH*KW*C_in, WIDTH) packed weight;
+# x: (B, H, W, C_in) NHWC view, channel stride 1; wp: (E, KH*KW*C_in, WP_COLS >= WIDTH) packed weight;
 # bias: (E*WIDTH,); gate: (B, k); res, y: scattered (B, k*WIDTH, H_out, W_out) with strides (s*b, s*c, s*h, s*w),
 # or grouped (rows, WIDTH) with strides (s*b = row stride, s*c = column stride);
 # sample, slot: (B*k,) sorted slots; tile_*: (T,) tile table, rows_per_slot = H_out*W_out.
@@ -32,7 +32,7 @@ from moe_kernels._triton.spec import launch
 def moe_conv_fwd_nhwc_kernel(
     x_ptr, wp_ptr, bias_ptr, gate_ptr, res_ptr, y_ptr,
     sample_ptr, slot_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
-    num_tiles, C_in, H, W, H_out, W_out, WIDTH,
+    num_tiles, C_in, H, W, H_out, W_out, WIDTH, WP_COLS,
     sxb, sxh, sxw,
     sgb, sgk,
     syb, syc, syh, syw,
@@ -70,7 +70,7 @@ def moe_conv_fwd_nhwc_kernel(
 
             n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             n_mask = n < WIDTH
-            w_e = wp_ptr + expert * (KH * KW * C_in) * WIDTH
+            w_e = wp_ptr + expert * (KH * KW * C_in) * WP_COLS
 
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
             for step in range(0, k_steps):
@@ -82,7 +82,7 @@ def moe_conv_fwd_nhwc_kernel(
                 iw = iw0 + kj * dil_w
                 row_ok = row_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                 a_ptrs = (x_b + ih * sxh + iw * sxw)[:, None] + (c0 + ck)[None, :]
-                w_ptrs = w_e + (tap * C_in + c0 + ck).to(tl.int64)[:, None] * WIDTH + n[None, :]
+                w_ptrs = w_e + (tap * C_in + c0 + ck).to(tl.int64)[:, None] * WP_COLS + n[None, :]
                 if EVEN_K:
                     a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
                     if EVEN_N:  # noqa: SIM108 (constexpr branch)
@@ -147,7 +147,7 @@ def launch_forward_nhwc(x_nhwc, packed, bias, gate, residual, y, sorted_slots, s
         gate_ptr=gate if gate is not None else packed, res_ptr=residual if residual is not None else y, y_ptr=y,
         sample_ptr=sample, slot_ptr=slot, tile_expert_ptr=schedule.tile_expert, tile_start_ptr=schedule.tile_start,
         tile_end_ptr=schedule.tile_end, num_tiles=schedule.num_tiles, C_in=c_in, H=x_nhwc.shape[1],
-        W=x_nhwc.shape[2], H_out=h_out, W_out=w_out, WIDTH=width,
+        W=x_nhwc.shape[2], H_out=h_out, W_out=w_out, WIDTH=width, WP_COLS=packed.shape[2],
         sxb=x_nhwc.stride(0), sxh=x_nhwc.stride(1), sxw=x_nhwc.stride(2),
         **dict(zip(("sgb", "sgk"), gate.stride() if gate is not None else (0, 0), strict=True)),
         **dict(zip(("syb", "syc", "syh", "syw"), strides4(y), strict=True)),
@@ -156,7 +156,8 @@ def launch_forward_nhwc(x_nhwc, packed, bias, gate, residual, y, sorted_slots, s
         dil_w=dilation[1],
     )  # fmt: skip
     consts = dict(
-        KH=kernel_size[0], KW=kernel_size[1], EVEN_K=c_in % config.block_k == 0, EVEN_N=width % config.block_n == 0,
+        KH=kernel_size[0], KW=kernel_size[1], EVEN_K=c_in % config.block_k == 0,
+        EVEN_N=packed.shape[2] % config.block_n == 0,
         HAS_BIAS=bias is not None, HAS_GATE=gate is not None, HAS_RES=residual is not None, RELU=relu,
         GROUPED_OUT=grouped_out, ACC_DTYPE=dot.acc_dtype, UPCAST=dot.upcast, INPUT_PRECISION=dot.input_precision,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,

@@ -12,14 +12,16 @@ channels_last x, else contiguous NCHW) straight from the epilogue, or the groupe
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
+import torch.nn.functional as F
 import triton
 
 from moe_kernels._triton import tuning
 from moe_kernels._triton.common import acc_torch_dtype, dot_settings, interpreted
-from moe_kernels._triton.packing import packed_weight
+from moe_kernels._triton.packing import packed_weight, padded
 from moe_kernels._triton.schedule import build_tile_schedule
 
 Pair = tuple[int, int]
@@ -48,6 +50,44 @@ def as_nhwc(t: torch.Tensor) -> torch.Tensor:
     if view.shape[3] > 1 and view.stride(3) != 1:
         view = t.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
     return view
+
+
+def channel_pad_multiple() -> int:
+    """Channels of the K axis are zero-padded to a multiple of this (16 compiled; interpreter: configurable).
+
+    With 16, every NHWC row starts 16-element aligned and each K step is a full block: the compiled
+    kernels take the unmasked, vectorised ``EVEN_K`` path for any C_in and w (tests/test_triton_compile.py:
+    the masked path spills registers on sm_90). ResNet-like channel counts (multiples of 16) need no padding.
+    """
+    return tuning.INTERPRETER_CONFIG["channel_pad"] if interpreted() else 16
+
+
+def nhwc_padded(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H, W, C_pad) with channel stride 1, zero channels appended (C_pad % multiple == 0).
+
+    No copy for a channels_last t whose C is already a multiple; otherwise one copy.
+    """
+    c = t.shape[1]
+    c_pad = padded(c, multiple)
+    if c_pad == c:
+        return as_nhwc(t)
+    return F.pad(t.permute(0, 2, 3, 1), (0, c_pad - c))
+
+
+def slots_nhwc_padded(grad_out: torch.Tensor, top_k: int, width: int, multiple: int) -> torch.Tensor:
+    """(B, k*w, H, W) -> (B, H, W, k*w_pad): each slot's w channels zero-padded to w_pad (see ``nhwc_padded``)."""
+    w_pad = padded(width, multiple)
+    if w_pad == width:
+        return as_nhwc(grad_out)
+    return F.pad(grad_out.permute(0, 2, 3, 1).unflatten(3, (top_k, width)), (0, w_pad - width)).flatten(3)
+
+
+def fit_block_k(config: tuning.KernelConfig, channels: int) -> tuning.KernelConfig:
+    """Halves ``block_k`` (down to 16) until it divides ``channels``, so padded channels give full K steps."""
+    block_k = config.block_k
+    while block_k > 16 and channels % block_k:
+        block_k //= 2
+    return config if block_k == config.block_k else dataclasses.replace(config, block_k=block_k)
 
 
 def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
@@ -153,15 +193,18 @@ def conv_forward(
     if y.numel() == 0:
         return y
     config = tuning.get_config("fwd", x.dtype, x.shape[1], width, (kh, kw), stride, x.device)
+    pad = channel_pad_multiple()
+    x_nhwc = nhwc_padded(x, pad)
+    config = fit_block_k(config, x_nhwc.shape[3])
     sample, slot, counts = sorted_slots(expert_idx, num_experts)
     schedule = build_tile_schedule(counts, batch * top_k, rows_per_slot, config.block_m)
     work = schedule.num_tiles * triton.cdiv(width, config.block_n)
     from moe_kernels._triton.forward_nhwc import launch_forward_nhwc
 
     launch_forward_nhwc(
-        as_nhwc(x), packed_weight(weight, num_experts, "fwd"), bias, gate, residual, y, (sample, slot), schedule,
-        width, stride, padding, dilation, (kh, kw), relu, grouped_out, dot_settings(x.dtype), config,
-        persistent_programs(work, config, x.device),
+        x_nhwc, packed_weight(weight, num_experts, "fwd", pad, config.block_n), bias, gate, residual, y,
+        (sample, slot), schedule, width, stride, padding, dilation, (kh, kw), relu, grouped_out,
+        dot_settings(x.dtype), config, persistent_programs(work, config, x.device),
     )  # fmt: skip
     return y
 
@@ -204,12 +247,14 @@ def conv_backward(
         grad_b = torch.zeros_like(bias) if need_b else None
         grad_g = torch.zeros(batch, top_k, dtype=gate.dtype, device=x.device) if need_g else None
         return grad_x, grad_w, grad_b, grad_g
-    x_nhwc = as_nhwc(x)
-    go_nhwc = as_nhwc(grad_out.to(x.dtype))
+    pad = channel_pad_multiple()
+    x_nhwc = nhwc_padded(x, pad)  # (B, H, W, C_pad)
+    go_nhwc = slots_nhwc_padded(grad_out.to(x.dtype), top_k, width, pad)  # (B, H_out, W_out, k*w_pad)
+    w_pad = padded(width, pad)
     sample, slot, counts = sorted_slots(expert_idx, num_experts)
     num_slots = batch * top_k
     if need_x or need_g:
-        config = tuning.get_config("dgrad", x.dtype, c_in, width, (kh, kw), stride, x.device)
+        config = fit_block_k(tuning.get_config("dgrad", x.dtype, c_in, width, (kh, kw), stride, x.device), w_pad)
         schedule = build_tile_schedule(counts, num_slots, height * wid, config.block_m)
         n_blocks = triton.cdiv(c_in, config.block_n)
         target = None
@@ -222,8 +267,8 @@ def conv_backward(
         if need_g:
             gate_part = torch.empty(n_blocks, num_slots * height * wid, dtype=acc_dtype, device=x.device)
         launch_dgrad_nhwc(
-            go_nhwc, packed_weight(weight, num_experts, "dgrad"), x_nhwc, gate, target, gate_part, (sample, slot),
-            schedule, width, stride, padding, dilation, (kh, kw), dot, config,
+            go_nhwc, packed_weight(weight, num_experts, "dgrad", pad, config.block_n), x_nhwc, c_in, gate, target,
+            gate_part, (sample, slot), schedule, w_pad, stride, padding, dilation, (kh, kw), dot, config,
             persistent_programs(schedule.num_tiles * n_blocks, config, x.device),
         )  # fmt: skip
         if need_x:
@@ -235,18 +280,19 @@ def conv_backward(
             grad_g.index_copy_(0, sample * top_k + slot, per_sorted_slot)  # unique indices: deterministic
     if need_w or need_b:
         config = tuning.get_config("wgrad", x.dtype, c_in, width, (kh, kw), stride, x.device)
+        config = fit_block_k(config, x_nhwc.shape[3])
         rows_per_slot = go_nhwc.shape[1] * go_nhwc.shape[2]
-        col_programs = triton.cdiv(width, config.block_n) * kh * kw * triton.cdiv(c_in, config.block_k)
+        col_programs = triton.cdiv(w_pad, config.block_n) * kh * kw * (x_nhwc.shape[3] // config.block_k)
         chunk = wgrad_chunk_rows(num_slots * rows_per_slot, config.block_m, col_programs, num_experts, x.device)
         schedule = build_tile_schedule(counts, num_slots, rows_per_slot, chunk)
         gw5, grad_b = launch_wgrad_nhwc(
-            go_nhwc, x_nhwc, gate, need_w, need_b, (sample, slot), schedule, num_experts, width, stride, padding,
+            go_nhwc, x_nhwc, gate, need_w, need_b, (sample, slot), schedule, num_experts, w_pad, stride, padding,
             dilation, (kh, kw), acc_dtype, weight.dtype if need_w else bias.dtype, dot, config,
         )  # fmt: skip
-        if need_w:
-            grad_w = gw5.permute(0, 1, 4, 2, 3).reshape(rows, c_in, kh, kw)
+        if need_w:  # (E, w_pad, kh, kw, C_pad) -> (E*w, C_in, kh, kw)
+            grad_w = gw5[:, :width, :, :, :c_in].permute(0, 1, 4, 2, 3).reshape(rows, c_in, kh, kw)
         if need_b:
-            grad_b = grad_b.to(bias.dtype)
+            grad_b = grad_b.view(num_experts, w_pad)[:, :width].reshape(-1).to(bias.dtype)
     if need_g:
         if bias is not None:  # <g, bias> term: sum over the slot's channels of bias * spatial sum of g
             gsum = grad_out.to(acc_dtype).sum((2, 3)).reshape(batch, top_k, width)

@@ -62,7 +62,8 @@ class KernelConfig:
 
 
 # Under TRITON_INTERPRET=1 every kernel runs with this one configuration; tests shrink it (monkeypatch).
-INTERPRETER_CONFIG = {"block_m": 32, "block_n": 32, "block_k": 32, "programs": 4, "wgrad_chunks": 4}
+# channel_pad: K channels padded to a multiple of this (compiled kernels: 16, see launcher.channel_pad_multiple).
+INTERPRETER_CONFIG = {"block_m": 32, "block_n": 32, "block_k": 32, "programs": 4, "wgrad_chunks": 4, "channel_pad": 16}
 
 
 def _pow2_at_least(value: int, low: int, high: int) -> int:
@@ -91,7 +92,9 @@ def default_config(kind: str, dtype: torch.dtype, cols: int) -> KernelConfig:
     if kind == "wgrad":
         return KernelConfig(64 if wide else 32, _pow2_at_least(cols, 16, 64), block_k, num_warps=4, num_stages=3)
     block_n = _pow2_at_least(cols, 16, 128 if wide else 64)
-    return KernelConfig(128 if block_n <= 64 else 64, block_n, block_k, num_warps=4 if block_n <= 64 else 8)
+    # fp32 (TF32) at 128x64 sits at 255 registers; 4 stages compiled without spills on every checked shape.
+    return KernelConfig(128 if block_n <= 64 else 64, block_n, block_k, num_warps=4 if block_n <= 64 else 8,
+                        num_stages=3 if wide else 4)  # fmt: skip
 
 
 def candidate_configs(kind: str, dtype: torch.dtype, cols: int) -> list[KernelConfig]:
