@@ -70,7 +70,9 @@ def moe_conv_wgrad_partial_kernel(
         g = tl.load(go_ptr + go_row[:, None] + n[None, :], mask=row_mask[:, None] & n_mask[None, :], other=0.0)
         if HAS_GATE:
             gv = tl.load(gate_ptr + b * sgb + j * sgk, mask=row_mask, other=0.0)
-            g = (g.to(ACC_DTYPE) * gv.to(ACC_DTYPE)[:, None]).to(go_ptr.dtype.element_ty)
+            g = g.to(ACC_DTYPE) * gv.to(ACC_DTYPE)[:, None]
+            if not UPCAST:  # tensor-core operand in the input dtype
+                g = g.to(go_ptr.dtype.element_ty)
         if NEED_BIAS:  # noqa: SIM102 (a constexpr branch around a runtime one)
             if pid_k == 0:
                 acc_b += tl.sum(g.to(ACC_DTYPE), axis=0)
