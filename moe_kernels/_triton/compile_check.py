@@ -84,7 +84,7 @@ def record_launches(dtype_name: str, shape: str, configs: dict | None = None, ba
     """The kernel launches of one forward (fused bias, gate, residual, ReLU) and one full backward.
 
     Args:
-        dtype_name: "bf16", "fp16" or "fp32"; shape: a key of ``SHAPES``.
+        dtype_name: "bf16", "fp16" or "fp32"; shape: a key of ``SHAPES`` or a (C_in, w, kernel, stride) tuple.
         configs: optional ``{"fwd"|"dgrad"|"wgrad": KernelConfig}`` forced for this recording.
         batch, size: B and the image side of the recorded call (E = 2, k = 1).
 
@@ -96,7 +96,7 @@ def record_launches(dtype_name: str, shape: str, configs: dict | None = None, ba
     from moe_kernels._triton import launcher, tuning
     from moe_kernels._triton.spec import recording
 
-    c_in, width, kernel, stride = SHAPES[shape]
+    c_in, width, kernel, stride = SHAPES[shape] if isinstance(shape, str) else shape
     dtype = _torch_dtype(dtype_name)
     meta = dict(device="meta", dtype=dtype)
     experts = 2
