@@ -23,8 +23,13 @@ ALL = (True, True, True, True)
 
 
 @pytest.fixture(autouse=True)
-def small_blocks(monkeypatch):
-    """32-row tiles, 3 persistent programs (each walks several tiles), 3 weight-gradient chunks."""
+def small_blocks(monkeypatch, request):
+    """32-row tiles, 3 persistent programs (each walks several tiles), 3 weight-gradient chunks.
+
+    CPU-tensor tests need the interpreter; on a GPU machine (no TRITON_INTERPRET) only the ``cuda`` ones run.
+    """
+    if not common.interpreted() and "cuda" not in request.keywords:
+        pytest.skip("runs its kernels in the Triton interpreter (TRITON_INTERPRET=1)")
     cfg = {"block_m": 32, "block_n": 16, "block_k": 16, "programs": 3, "wgrad_chunks": 3, "channel_pad": 16}
     monkeypatch.setattr(tuning, "INTERPRETER_CONFIG", cfg)
     return cfg
@@ -266,3 +271,60 @@ def test_candidates_start_with_the_default_and_are_distinct():
             cands = tuning.candidate_configs(kind, dtype, 64)
             assert cands[0] == tuning.default_config(kind, dtype, 64)
             assert len(set(cands)) == len(cands) >= 3
+
+
+# ---------------------------------------------------------------- GPU only (unmeasured in this repository so far)
+
+
+def _gpu_inputs(dtype, c_in=35, width=40, batch=32, size=(15, 17), top_k=2, experts=4, channels_last=True):
+    case = Case(batch=batch, c_in=c_in, width=width, experts=experts, top_k=top_k, size=size,
+                channels_last=channels_last)  # fmt: skip
+    return case, [t.detach() if t is not None else None for t in make_inputs(case, dtype, device="cuda")]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("shape", [dict(c_in=64, width=64, size=(32, 32), top_k=1, experts=2), dict()],
+                         ids=["c64w64", "odd"])  # fmt: skip
+def test_gpu_fused_epilogue_error_rule(dtype, shape, monkeypatch):
+    """relu(gate * (conv + bias) + residual): error vs fp64 <= 2x plain PyTorch's in the same dtype."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    case, low = _gpu_inputs(dtype, **shape)
+    _, high = _gpu_inputs(torch.float64, **shape)
+    extra = (case.stride, case.padding, case.dilation)
+    want = sparse_moe_conv2d_ref(*high[:3], case.experts, *high[3:], *extra)
+    residual = torch.randn(want.shape, device="cuda", dtype=torch.float64)
+    want = torch.relu(want + residual)
+    got = launcher.conv_forward(*low[:3], case.experts, *low[3:], *extra, residual=residual.to(dtype), relu=True)
+    base = torch.relu(sparse_moe_conv2d_ref(*low[:3], case.experts, *low[3:], *extra) + residual.to(dtype))
+    err, base_err = (got.double() - want).abs().max().item(), (base.double() - want).abs().max().item()
+    assert err <= 2 * base_err + 1e-5 * want.abs().max().item(), f"max err {err:.3e} vs plain PyTorch {base_err:.3e}"
+
+
+@pytest.mark.cuda
+def test_gpu_weight_gradients_bitwise_deterministic():
+    case, (x, weight, idx, gate, bias) = _gpu_inputs(torch.bfloat16, c_in=64, width=64, batch=64, size=(32, 32),
+                                                      top_k=1, experts=2)  # fmt: skip
+    args = (x, weight, idx, case.experts, gate, bias, case.stride, case.padding, case.dilation)
+    grad_out = torch.randn(64, 64, 32, 32, device="cuda", dtype=torch.bfloat16)
+    first = launcher.conv_backward(grad_out, *args, ALL)
+    second = launcher.conv_backward(grad_out, *args, ALL)
+    for name, a, b in zip(("x", "weight", "bias", "gate"), first, second, strict=True):
+        assert torch.equal(a, b), f"grad {name} differs between two runs"
+
+
+@pytest.mark.cuda
+def test_gpu_fused_forward_and_backward_never_sync():
+    case, (x, weight, idx, gate, bias) = _gpu_inputs(torch.bfloat16)
+    args = (x, weight, idx, case.experts, gate, bias, case.stride, case.padding, case.dilation)
+    out = launcher.conv_forward(*args, relu=True, grouped_out=True)  # compile outside the checked region
+    grad_out = torch.ones(32, 80, 15, 17, device="cuda", dtype=torch.bfloat16)
+    launcher.conv_backward(grad_out, *args, ALL)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = launcher.conv_forward(*args, relu=True, grouped_out=True)
+        launcher.conv_backward(grad_out, *args, ALL)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.shape == (32 * 2 * 15 * 17, 40)
