@@ -170,7 +170,7 @@ def sparse_moe_conv2d(
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if gate is not None and gate.dtype != x.dtype:
         gate = gate.to(x.dtype)
-    name = resolve_backend(backend, x.device)
+    name = resolve_backend(backend, x.device, call=(x, weight, num_experts, stride))
     return _sparse_moe_conv2d_op(
         x, weight, expert_idx, gate, bias, num_experts, list(stride), list(padding), list(dilation), activation, name
     )

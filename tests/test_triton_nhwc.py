@@ -265,6 +265,14 @@ def test_tuned_table_lookup_and_auto_choice(fake_gpu):
     assert backend == "cuda" and "not supported" in reason
 
 
+def test_auto_backend_on_cpu_names_the_order():
+    from moe_kernels.backends import AUTO_ORDER, auto_backend
+
+    x, weight = torch.randn(1, 3, 4, 4), torch.randn(4, 3, 3, 3)
+    backend, reason = auto_backend(x, weight, 2)
+    assert backend in AUTO_ORDER["cpu"] and "cpu order" in reason
+
+
 def test_candidates_start_with_the_default_and_are_distinct():
     for kind in tuning.KINDS:
         for dtype in (torch.bfloat16, torch.float32):

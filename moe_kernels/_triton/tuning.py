@@ -144,8 +144,9 @@ def _device_table(device: torch.device) -> tuple[dict | None, str]:
         if name not in _warned:
             _warned.add(name)
             warnings.warn(
-                f"moe_kernels triton: no tuned table for {name!r} ({TUNED_DIR}/{gpu_slug(name)}.json); "
-                "using safe default launch settings (run `python -m moe_kernels._triton.tune` on this GPU)",
+                f"moe_kernels triton: no tuned table for {name!r} ({TUNED_DIR}/{gpu_slug(name)}.json): the Triton "
+                "kernels use safe default launch settings and backend='auto' prefers the cuDNN path "
+                "(run `python -m moe_kernels._triton.tune` on this GPU)",
                 stacklevel=4,
             )
         return None, f"no tuned table for {name}"
