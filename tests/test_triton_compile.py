@@ -23,8 +23,10 @@ def test_kernels_compile_for_sm90():
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("sm_90")]
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
-    # forward, dgrad, wgrad partials, wgrad reduce x (bf16, fp32) x (even c64w64, masked c35w40)
-    assert len(lines) == 16, proc.stdout
+    # forward, dgrad, wgrad partials, wgrad reduce x (bf16, fp32) x (c64w64, padded c35w40), + TMA forward x 2
+    assert len(lines) == 18, proc.stdout
     assert all(": ok," in line and " 0 B spills" in line for line in lines), proc.stdout
     gemms = [line for line in lines if "reduce" not in line]
-    assert len(gemms) == 12 and all("tensor cores True" in line for line in gemms), proc.stdout
+    assert len(gemms) == 14 and all("tensor cores True" in line for line in gemms), proc.stdout
+    tma = [line for line in lines if "+tma" in line]
+    assert len(tma) == 2 and all("TMA loads 0" not in line for line in tma), proc.stdout

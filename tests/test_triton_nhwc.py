@@ -90,6 +90,14 @@ def test_many_tiles_k_steps_and_column_blocks(tiny_blocks):
     _check(Case(batch=2, c_in=17, width=19, experts=3, top_k=2, size=(3, 4)))
 
 
+def test_forward_with_tma_weight_loads(small_blocks):
+    small_blocks["tma"] = True  # the weight blocks come through a host-side tensor descriptor
+    case = Case(batch=2, c_in=17, width=19, experts=2, top_k=2, size=(3, 4), channels_last=True)
+    x, weight, idx, gate, bias = _detached(case)
+    args = (x, weight, idx, case.experts, gate, bias, case.stride, case.padding, case.dilation)
+    assert_close(launcher.conv_forward(*args), sparse_moe_conv2d_ref(*args), 1e-10, 1e-10, "forward (TMA)")
+
+
 def test_unpadded_masked_path(small_blocks):
     # channel_pad 1: C_in = 17 and w = 19 are not multiples of BLOCK_K = 16, so the masked K path runs.
     small_blocks["channel_pad"] = 1

@@ -7,7 +7,8 @@ bundled ``ptxas``. Each compiled kernel is then inspected:
 
 * registers and spills: from ``ptxas -v`` run on the kernel's PTX (``spill stores/loads`` must be 0);
 * shared memory: ``metadata.shared`` must fit the architecture's per-block limit;
-* tensor cores: the PTX must contain ``wgmma`` (sm_90) or ``mma.sync`` (sm_80) when the kernel has a dot.
+* tensor cores: the PTX must contain ``wgmma`` (sm_90) or ``mma.sync`` (sm_80) when the kernel has a dot;
+* TMA: the count of ``cp.async.bulk.tensor`` loads is reported (the forward's TMA weight-load variant).
 
 Nothing runs on a GPU. Usage: ``python -m moe_kernels._triton.compile_check [--arch 90]
 [--dtypes bf16,fp32] [--shapes c64w64,c35w40]``; must run without ``TRITON_INTERPRET=1`` (this module
@@ -17,6 +18,7 @@ clears it when run as a script).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import subprocess
@@ -53,6 +55,7 @@ class KernelReport:
     tensor_cores: bool
     has_dot: bool
     seconds: float
+    tma_loads: int = 0
 
     def problems(self, arch: int) -> list[str]:
         """Reasons this kernel should not be used (empty list: fine)."""
@@ -70,7 +73,7 @@ class KernelReport:
         return (
             f"sm_{arch} {self.name} {self.dtype} {self.shape} {self.config}: {status}, {self.registers} regs, "
             f"{self.spill_bytes} B spills, {self.shared} B shared, tensor cores {self.tensor_cores}, "
-            f"{self.seconds:.1f} s"
+            f"TMA loads {self.tma_loads}, {self.seconds:.1f} s"
         )
 
 
@@ -153,7 +156,7 @@ def compile_spec(launch, arch: int = 90):
         signature[name] = kind
         if kind == "constexpr":
             consts[name] = launch.args[name]
-        elif "D" in spec:
+        elif spec and "D" in spec:
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=launch.options)
@@ -178,6 +181,7 @@ def inspect_launches(launches, arch: int, dtype_name: str, shape: str) -> list[K
             name=launch.name, dtype=dtype_name, shape=shape, config=config, registers=regs, spill_bytes=spills,
             shared=kernel.metadata.shared, tensor_cores="wgmma" in ptx or "mma.sync" in ptx,
             has_dot="BLOCK_K" in c, seconds=time.perf_counter() - start,
+            tma_loads=ptx.count("cp.async.bulk.tensor"),
         ))  # fmt: skip
     return reports
 
@@ -191,10 +195,20 @@ def check(arch: int = 90, dtypes=("bf16", "fp32"), shapes=("c64w64",)) -> list[K
     """
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("compile_check needs TRITON_INTERPRET unset (run it as `python -m ...`)")
+    import torch
+
+    from moe_kernels._triton import tuning
+
     reports = []
     for dtype_name in dtypes:
         for shape in shapes:
             reports += inspect_launches(record_launches(dtype_name, shape), arch, dtype_name, shape)
+        if arch >= 90 and "c64w64" in shapes:  # the forward with TMA weight loads (a tuning candidate)
+            default = tuning.default_config("fwd", {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+                dtype_name, torch.float32), SHAPES["c64w64"][1])  # fmt: skip
+            launches = record_launches(dtype_name, "c64w64", {"fwd": dataclasses.replace(default, tma=True)})
+            fwd = [launch for launch in launches if launch.consts.get("USE_TMA")]
+            reports += inspect_launches(fwd, arch, dtype_name, "c64w64+tma")
     return reports
 
 

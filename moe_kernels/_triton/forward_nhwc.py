@@ -30,7 +30,7 @@ from moe_kernels._triton.spec import launch
 # grid: (programs,), persistent over T * cdiv(WIDTH, BLOCK_N) work items.
 @triton.jit
 def moe_conv_fwd_nhwc_kernel(
-    x_ptr, wp_ptr, bias_ptr, gate_ptr, res_ptr, y_ptr,
+    x_ptr, wp_ptr, w_desc, bias_ptr, gate_ptr, res_ptr, y_ptr,
     sample_ptr, slot_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
     num_tiles, C_in, H, W, H_out, W_out, WIDTH, WP_COLS,
     sxb, sxh, sxw,
@@ -38,7 +38,7 @@ def moe_conv_fwd_nhwc_kernel(
     syb, syc, syh, syw,
     srb, src, srh, srw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    KH: tl.constexpr, KW: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, USE_TMA: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
     GROUPED_OUT: tl.constexpr,
     ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -85,7 +85,10 @@ def moe_conv_fwd_nhwc_kernel(
                 w_ptrs = w_e + (tap * C_in + c0 + ck).to(tl.int64)[:, None] * WP_COLS + n[None, :]
                 if EVEN_K:
                     a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-                    if EVEN_N:  # noqa: SIM108 (constexpr branch)
+                    if USE_TMA:  # the (BLOCK_K, BLOCK_N) weight block through a TMA descriptor
+                        wt = w_desc.load([(expert * (KH * KW * C_in) + tap * C_in + c0).to(tl.int32),
+                                          pid_n * BLOCK_N])  # fmt: skip
+                    elif EVEN_N:
                         wt = tl.load(w_ptrs)
                     else:
                         wt = tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
@@ -142,8 +145,15 @@ def launch_forward_nhwc(x_nhwc, packed, bias, gate, residual, y, sorted_slots, s
             return (0, 0, 0, 0)
         return (t.stride(0), t.stride(1), 0, 0) if grouped_out else t.stride()
 
+    even_k, even_n = c_in % config.block_k == 0, packed.shape[2] % config.block_n == 0
+    use_tma = config.tma and even_k and even_n
+    w_desc = packed
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        w_desc = TensorDescriptor.from_tensor(packed.view(-1, packed.shape[2]), [config.block_k, config.block_n])
     args = dict(
-        x_ptr=x_nhwc, wp_ptr=packed, bias_ptr=bias if bias is not None else packed,
+        x_ptr=x_nhwc, wp_ptr=packed, w_desc=w_desc, bias_ptr=bias if bias is not None else packed,
         gate_ptr=gate if gate is not None else packed, res_ptr=residual if residual is not None else y, y_ptr=y,
         sample_ptr=sample, slot_ptr=slot, tile_expert_ptr=schedule.tile_expert, tile_start_ptr=schedule.tile_start,
         tile_end_ptr=schedule.tile_end, num_tiles=schedule.num_tiles, C_in=c_in, H=x_nhwc.shape[1],
@@ -156,8 +166,7 @@ def launch_forward_nhwc(x_nhwc, packed, bias, gate, residual, y, sorted_slots, s
         dil_w=dilation[1],
     )  # fmt: skip
     consts = dict(
-        KH=kernel_size[0], KW=kernel_size[1], EVEN_K=c_in % config.block_k == 0,
-        EVEN_N=packed.shape[2] % config.block_n == 0,
+        KH=kernel_size[0], KW=kernel_size[1], EVEN_K=even_k, EVEN_N=even_n, USE_TMA=use_tma,
         HAS_BIAS=bias is not None, HAS_GATE=gate is not None, HAS_RES=residual is not None, RELU=relu,
         GROUPED_OUT=grouped_out, ACC_DTYPE=dot.acc_dtype, UPCAST=dot.upcast, INPUT_PRECISION=dot.input_precision,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,

@@ -21,6 +21,7 @@ measured forward+backward time of the Triton backend and of the cuDNN path per d
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -48,6 +49,7 @@ class KernelConfig:
         block_k: reduction step (channels of one tap; for wgrad the C_in block of one tap).
         num_warps, num_stages: as in ``triton.Config``.
         programs_per_sm: persistent-grid size of fwd/dgrad (programs = SMs x this, at most the tiles).
+        tma: fwd only: load the weight blocks through a TMA tensor descriptor (sm_90+; untimed so far).
     """
 
     block_m: int
@@ -56,14 +58,18 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     programs_per_sm: int = 2
+    tma: bool = False
 
     def key(self) -> str:
-        return f"{self.block_m}x{self.block_n}x{self.block_k}_w{self.num_warps}_s{self.num_stages}"
+        tma = "_tma" if self.tma else ""
+        return f"{self.block_m}x{self.block_n}x{self.block_k}_w{self.num_warps}_s{self.num_stages}{tma}"
 
 
 # Under TRITON_INTERPRET=1 every kernel runs with this one configuration; tests shrink it (monkeypatch).
 # channel_pad: K channels padded to a multiple of this (compiled kernels: 16, see launcher.channel_pad_multiple).
-INTERPRETER_CONFIG = {"block_m": 32, "block_n": 32, "block_k": 32, "programs": 4, "wgrad_chunks": 4, "channel_pad": 16}
+# tma: the forward loads weight blocks through a tensor descriptor.
+INTERPRETER_CONFIG = {"block_m": 32, "block_n": 32, "block_k": 32, "programs": 4, "wgrad_chunks": 4, "channel_pad": 16,
+                      "tma": False}  # fmt: skip
 
 
 def _pow2_at_least(value: int, low: int, high: int) -> int:
@@ -111,6 +117,8 @@ def candidate_configs(kind: str, dtype: torch.dtype, cols: int) -> list[KernelCo
                (64, n_small, block_k, 4, 4), (256, n_small, block_k, 8, 3),
                (128, n_big, 2 * block_k, 8, 2)]  # fmt: skip
     out = [default_config(kind, dtype, cols)]
+    if kind == "fwd":
+        out.append(dataclasses.replace(out[0], tma=True))
     for m, n, k, warps, stages in raw:
         cfg = KernelConfig(m, n, k, warps, stages)
         if cfg not in out:
@@ -188,7 +196,8 @@ def get_config(
     if interpreted():
         cfg = INTERPRETER_CONFIG
         _reasons[key] = "interpreter configuration"
-        return KernelConfig(cfg["block_m"], cfg["block_n"], cfg["block_k"], num_warps=1, num_stages=1)
+        return KernelConfig(cfg["block_m"], cfg["block_n"], cfg["block_k"], num_warps=1, num_stages=1,
+                            tma=cfg.get("tma", False) and kind == "fwd")  # fmt: skip
     table, source = _device_table(device)
     entry = (table or {}).get("configs", {}).get("|".join(key))
     if entry is None:
