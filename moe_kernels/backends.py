@@ -1,8 +1,9 @@
 """Registry of ``sparse_moe_conv2d`` backends and the ``backend="auto"`` choice.
 
 A backend is a pair of functions with the reference's signatures
-(``forward(x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation) -> y`` and
-``backward(grad_out, x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation, needs)``),
+(``forward(x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation, plan=None) -> y`` and
+``backward(grad_out, x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation, needs,
+plan=None)``),
 the devices it serves, and a probe that says whether it is present and, if not, how to get it.
 The arguments reaching a backend are already validated.
 """
@@ -25,11 +26,14 @@ class Backend:
         name: the string users pass as ``backend=``.
         devices: device types it runs on ("cpu", "cuda").
         load: returns ``(forward, backward)``; raises ``BackendUnavailable`` with a how-to if absent.
+        uses_plan: whether its functions use the ``RoutingPlan`` passed as ``plan=`` (the op then builds one
+            when the caller passed none); the compiled cpu/cuda kernels group the slots themselves.
     """
 
     name: str
     devices: tuple[str, ...]
     load: Callable[[], tuple[Callable, Callable]]
+    uses_plan: bool = False
 
 
 class BackendUnavailable(RuntimeError):
@@ -61,9 +65,9 @@ def _load_triton():
 
 
 _BACKENDS: dict[str, Backend] = {
-    "reference": Backend("reference", ("cpu", "cuda"), _load_reference),
+    "reference": Backend("reference", ("cpu", "cuda"), _load_reference, uses_plan=True),
     "cpu": Backend("cpu", ("cpu",), _load_cpu),
-    "triton": Backend("triton", ("cuda", "cpu"), _load_triton),
+    "triton": Backend("triton", ("cuda", "cpu"), _load_triton, uses_plan=True),
     "cuda": Backend("cuda", ("cuda",), _load_cuda),
 }
 
@@ -104,6 +108,11 @@ def get_backend(name: str) -> tuple[Callable, Callable]:
         raise
     _loaded[name] = fns
     return fns
+
+
+def backend_uses_plan(name: str) -> bool:
+    """Whether backend ``name`` (a concrete one, not "auto") takes a ``RoutingPlan``."""
+    return _BACKENDS[name].uses_plan if name in _BACKENDS else False
 
 
 def is_available(name: str) -> bool:

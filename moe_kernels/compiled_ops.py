@@ -30,8 +30,12 @@ def forward(
     stride: Pair,
     padding: Pair,
     dilation: Pair,
+    plan=None,
 ) -> torch.Tensor:
     """Forward; arguments as in ``moe_kernels.reference.sparse_moe_conv2d_ref``.
+
+    The compiled kernels sort the routing slots themselves; ``plan`` is accepted for the backend signature and
+    not used (the CUDA kernel's own grouping is unchanged, see docs/op.md).
 
     Args:
         x: (B, C_in, H, W) fp16/bf16/fp32/fp64.
@@ -63,8 +67,11 @@ def backward(
     padding: Pair,
     dilation: Pair,
     needs: tuple[bool, bool, bool, bool],
+    plan=None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients for (x, weight, bias, gate), None where ``needs`` is False (or the input is None).
+
+    ``plan`` is accepted for the backend signature and not used.
 
     Args:
         grad_out: (B, k * w, H_out, W_out) gradient of the output.

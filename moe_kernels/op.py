@@ -13,8 +13,9 @@ from collections.abc import Sequence
 
 import torch
 
-from moe_kernels._validate import check_expert_idx_values, check_sparse_moe_conv2d_args, pair
-from moe_kernels.backends import get_backend, resolve_backend
+from moe_kernels._validate import check_sparse_moe_conv2d_args, pair
+from moe_kernels.backends import backend_uses_plan, get_backend, resolve_backend
+from moe_kernels.plan import RoutingPlan, check_expert_idx_values
 
 _ACTIVATIONS = ("none", "relu")
 
@@ -25,8 +26,28 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last and not x.is_contiguous() else torch.contiguous_format
 
 
-# x: (B, C_in, H, W); weight: (E*w, C_in, kh, kw); expert_idx: (B, k); gate: (B, k); bias: (E*w,)
-# -> (B, k*w, H_out, W_out)
+def _plan_for(plan: Sequence[torch.Tensor], expert_idx: torch.Tensor, num_experts: int, backend: str):
+    """The RoutingPlan a backend gets: rebuilt around the passed plan tensors ([sample, slot, counts, offsets],
+    validated when built), built here when none was passed and the backend uses one (this validates the
+    indices), else None after the index check (the compiled cpu/cuda backends group the slots themselves)."""
+    batch, top_k = expert_idx.shape
+    if len(plan) == 4:
+        if plan[0].shape != (batch * top_k,) or plan[2].shape != (num_experts,):
+            raise ValueError(
+                f"plan tensors describe {plan[0].shape[0]} slots and {plan[2].shape[0]} experts, the call has "
+                f"B*k = {batch * top_k} slots and E = {num_experts}: a stale routing plan"
+            )
+        return RoutingPlan.from_tensors(list(plan), batch, top_k)
+    if len(plan) != 0:
+        raise ValueError(f"plan must be [] or the 4 tensors of RoutingPlan.tensors(), got {len(plan)} tensors")
+    if backend_uses_plan(backend):
+        return RoutingPlan.build(expert_idx, num_experts)
+    check_expert_idx_values(expert_idx, num_experts)
+    return None
+
+
+# x: (B, C_in, H, W); weight: (E*w, C_in, kh, kw); expert_idx: (B, k); gate: (B, k); bias: (E*w,);
+# plan: [] or [sample (B*k,), slot (B*k,), counts (E,), offsets (E+1,)] -> (B, k*w, H_out, W_out)
 @torch.library.custom_op("moe_kernels::sparse_moe_conv2d", mutates_args=())
 def _sparse_moe_conv2d_op(
     x: torch.Tensor,
@@ -40,15 +61,17 @@ def _sparse_moe_conv2d_op(
     dilation: Sequence[int],
     activation: str,
     backend: str,
+    plan: Sequence[torch.Tensor],
 ) -> torch.Tensor:
-    # Checked here for every backend (the C++/CUDA kernels check again before launching anything), so a
-    # bad index from Python is a ValueError before any compiled code runs.
-    check_expert_idx_values(expert_idx, num_experts)
+    # The indices are checked when the plan is built (or here for the compiled cpu/cuda backends, whose
+    # kernels check again), so a bad index from Python is an error before any compiled code runs.
+    routing_plan = _plan_for(plan, expert_idx, num_experts, backend)
     forward, _ = get_backend(backend)
     # Gradients come from the explicit backward op: the kernels' internal aten calls must not record autograd
     # (they would try to save inference-mode tensors under torch.inference_mode()).
     with torch.no_grad():
-        y = forward(x, weight, expert_idx, num_experts, gate, bias, tuple(stride), tuple(padding), tuple(dilation))
+        y = forward(x, weight, expert_idx, num_experts, gate, bias, tuple(stride), tuple(padding), tuple(dilation),
+                    plan=routing_plan)  # fmt: skip
     if activation == "relu":
         y = torch.relu_(y) if not y.requires_grad else torch.relu(y)
     y = y.contiguous(memory_format=_memory_format(x))
@@ -57,7 +80,7 @@ def _sparse_moe_conv2d_op(
 
 
 @_sparse_moe_conv2d_op.register_fake
-def _(x, weight, expert_idx, gate, bias, num_experts, stride, padding, dilation, activation, backend):
+def _(x, weight, expert_idx, gate, bias, num_experts, stride, padding, dilation, activation, backend, plan):
     batch, top_k = expert_idx.shape
     width = weight.shape[0] // num_experts
     h_out = (x.shape[2] + 2 * padding[0] - dilation[0] * (weight.shape[2] - 1) - 1) // stride[0] + 1
@@ -80,12 +103,14 @@ def _sparse_moe_conv2d_backward_op(
     dilation: Sequence[int],
     backend: str,
     needs: Sequence[bool],
+    plan: Sequence[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    routing_plan = _plan_for(plan, expert_idx, num_experts, backend)
     _, backward = get_backend(backend)
     with torch.no_grad():
         grads = backward(
-        grad_out, x, weight, expert_idx, num_experts, gate, bias,
-            tuple(stride), tuple(padding), tuple(dilation), tuple(bool(n) for n in needs),
+            grad_out, x, weight, expert_idx, num_experts, gate, bias,
+            tuple(stride), tuple(padding), tuple(dilation), tuple(bool(n) for n in needs), plan=routing_plan,
         )  # fmt: skip
     like = (x, weight, bias, gate)
     return tuple(
@@ -94,7 +119,7 @@ def _sparse_moe_conv2d_backward_op(
 
 
 @_sparse_moe_conv2d_backward_op.register_fake
-def _(grad_out, x, weight, expert_idx, gate, bias, num_experts, stride, padding, dilation, backend, needs):
+def _(grad_out, x, weight, expert_idx, gate, bias, num_experts, stride, padding, dilation, backend, needs, plan):
     like = (x, weight, bias, gate)
     return tuple(
         t.new_empty(t.shape) if (n and t is not None) else x.new_empty(0) for n, t in zip(needs, like, strict=True)
@@ -102,23 +127,23 @@ def _(grad_out, x, weight, expert_idx, gate, bias, num_experts, stride, padding,
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, expert_idx, gate, bias, num_experts, stride, padding, dilation, activation, backend = inputs
-    ctx.save_for_backward(x, weight, expert_idx, gate, bias, output if activation == "relu" else None)
+    x, weight, expert_idx, gate, bias, num_experts, stride, padding, dilation, activation, backend, plan = inputs
+    ctx.save_for_backward(x, weight, expert_idx, gate, bias, output if activation == "relu" else None, *plan)
     ctx.args = (num_experts, stride, padding, dilation, backend)
 
 
 def _backward(ctx, grad_out):
-    x, weight, expert_idx, gate, bias, relu_out = ctx.saved_tensors
+    x, weight, expert_idx, gate, bias, relu_out, *plan = ctx.saved_tensors
     num_experts, stride, padding, dilation, backend = ctx.args
     if relu_out is not None:
         grad_out = grad_out * (relu_out > 0)
     nx, nw, _, ng, nb, *_ = ctx.needs_input_grad
     needs = [nx, nw, nb and bias is not None, ng and gate is not None]
     gx, gw, gb, gg = _sparse_moe_conv2d_backward_op(
-        grad_out, x, weight, expert_idx, gate, bias, num_experts, stride, padding, dilation, backend, needs
+        grad_out, x, weight, expert_idx, gate, bias, num_experts, stride, padding, dilation, backend, needs, plan
     )
     pick = [g if n else None for g, n in zip((gx, gw, gb, gg), needs, strict=True)]
-    return pick[0], pick[1], None, pick[3], pick[2], None, None, None, None, None, None
+    return pick[0], pick[1], None, pick[3], pick[2], None, None, None, None, None, None, [None] * len(plan)
 
 
 torch.library.register_autograd("moe_kernels::sparse_moe_conv2d", _backward, setup_context=_setup_context)
@@ -136,6 +161,7 @@ def sparse_moe_conv2d(
     dilation: int | Sequence[int] = 1,
     backend: str = "auto",
     activation: str = "none",
+    plan: RoutingPlan | None = None,
 ) -> torch.Tensor:
     """Sparse channel-gated MoE convolution: computes only the output channels of the selected experts.
 
@@ -154,12 +180,17 @@ def sparse_moe_conv2d(
         stride, padding, dilation: int or pair, as in ``torch.nn.functional.conv2d``.
         backend: "auto", "reference", "cpu", "triton" or "cuda" (see ``available_backends()``).
         activation: "none" or "relu" (applied after the gate).
+        plan: a ``moe_kernels.RoutingPlan`` built from this very ``expert_idx`` tensor and ``num_experts``
+            (``RoutingPlan.build(expert_idx, E)``), shared by the layers that use the same routing; None
+            builds one here for the backends that use it (reference, triton) and shares it between this
+            call's forward and backward.
 
     Returns:
         (B, k * w, H_out, W_out), channels_last if x is channels_last.
 
     Raises:
-        TypeError, ValueError: bad arguments (the message names the argument).
+        TypeError, ValueError: bad arguments (the message names the argument), or a stale plan (built for
+            another expert_idx tensor, batch size, k, E or device).
         moe_kernels.BackendUnavailable: the named backend is not built here (the message says how).
     """
     stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
@@ -171,6 +202,19 @@ def sparse_moe_conv2d(
     if gate is not None and gate.dtype != x.dtype:
         gate = gate.to(x.dtype)
     name = resolve_backend(backend, x.device, call=(x, weight, num_experts, stride))
+    if plan is not None:
+        if not isinstance(plan, RoutingPlan):
+            raise TypeError(f"plan must be a moe_kernels.RoutingPlan or None, got {type(plan).__name__}")
+        plan.check_matches(expert_idx.shape[0], expert_idx.shape[1], num_experts, x.device)
+        if plan.source is not None and plan.source is not expert_idx:
+            raise ValueError(
+                "plan was built from another expert_idx tensor: pass the tensor it was built from, or build a "
+                "new plan with RoutingPlan.build(expert_idx, num_experts)"
+            )
+    elif backend_uses_plan(name):
+        plan = RoutingPlan.build(expert_idx, num_experts)
+    plan_tensors = plan.tensors() if plan is not None else []
     return _sparse_moe_conv2d_op(
-        x, weight, expert_idx, gate, bias, num_experts, list(stride), list(padding), list(dilation), activation, name
-    )
+        x, weight, expert_idx, gate, bias, num_experts, list(stride), list(padding), list(dilation), activation,
+        name, plan_tensors,
+    )  # fmt: skip

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_kernels._validate import conv_output_size
-from moe_kernels.routing import group_by_expert
+from moe_kernels.plan import RoutingPlan
 
 Pair = tuple[int, int]
 
@@ -26,6 +26,7 @@ def sparse_moe_conv2d_ref(
     stride: Pair = (1, 1),
     padding: Pair = (0, 0),
     dilation: Pair = (1, 1),
+    plan: RoutingPlan | None = None,
 ) -> torch.Tensor:
     """Forward of the sparse MoE convolution, differentiable by plain autograd.
 
@@ -37,13 +38,15 @@ def sparse_moe_conv2d_ref(
         gate: (B, k) gates, or None for all ones.
         bias: (E * w,) bias, or None.
         stride, padding, dilation: pairs of ints, as in ``F.conv2d``.
+        plan: the ``RoutingPlan`` of expert_idx, or None to build one. Its ``ranges()`` is a host read of
+            the per-expert offsets, made once per plan.
 
     Returns:
         (B, k * w, H_out, W_out): ``y[b, j*w:(j+1)*w] = gate[b, j] * conv(x[b], expert expert_idx[b, j])``.
     """
     batch, top_k = expert_idx.shape
     width = weight.shape[0] // num_experts
-    groups = group_by_expert(expert_idx, num_experts)
+    groups = plan if plan is not None else RoutingPlan.build(expert_idx, num_experts)
     h_out, w_out = (
         conv_output_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i]) for i in range(2)
     )
@@ -70,6 +73,7 @@ def sparse_moe_conv2d_backward_ref(
     padding: Pair,
     dilation: Pair,
     needs: tuple[bool, bool, bool, bool],
+    plan: RoutingPlan | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Explicit backward: gradients for (x, weight, bias, gate), None where ``needs`` is False.
 
@@ -81,6 +85,7 @@ def sparse_moe_conv2d_backward_ref(
         grad_out: (B, k * w, H_out, W_out) gradient of the output.
         x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation: as in the forward.
         needs: which of (x, weight, bias, gate) need a gradient.
+        plan: the ``RoutingPlan`` of expert_idx, or None to build one.
 
     Returns:
         (grad_x (B, C_in, H, W), grad_weight (E*w, C_in, kh, kw), grad_bias (E*w,), grad_gate (B, k)).
@@ -91,7 +96,7 @@ def sparse_moe_conv2d_backward_ref(
     batch, top_k = expert_idx.shape
     width = weight.shape[0] // num_experts
     grad_slots = grad_out.reshape(batch, top_k, width, *grad_out.shape[2:])
-    groups = group_by_expert(expert_idx, num_experts)
+    groups = plan if plan is not None else RoutingPlan.build(expert_idx, num_experts)
     grad_x = torch.zeros_like(x, memory_format=torch.contiguous_format) if need_x else None
     grad_w = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_w else None
     grad_b = torch.zeros_like(bias) if need_b else None

@@ -1,35 +1,19 @@
-"""Routing helpers shared by the backends: group the (sample, slot) pairs of a batch by expert."""
+"""Routing helpers: group the (sample, slot) pairs of a batch by expert, and expert usage shares.
+
+The grouping itself lives in ``moe_kernels.plan.RoutingPlan`` (the one slot-sorting routine of the
+package); ``group_by_expert`` is its functional spelling and ``ExpertGroups`` its old name.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from moe_kernels.plan import RoutingPlan
 
-@dataclass(frozen=True)
-class ExpertGroups:
-    """The B*k routing slots of a batch, sorted by expert.
-
-    Attributes:
-        sample: (B*k,) int64 sample index b of each sorted slot.
-        slot: (B*k,) int64 slot index j (position among the sample's k choices) of each sorted slot.
-        counts: (E,) int64 number of slots routed to each expert.
-        offsets: (E + 1,) int64 start of each expert's run in the sorted order (offsets[E] = B*k).
-    """
-
-    sample: torch.Tensor
-    slot: torch.Tensor
-    counts: torch.Tensor
-    offsets: torch.Tensor
-
-    def ranges(self) -> list[tuple[int, int, int]]:
-        """``[(expert, start, end), ...]`` for the experts that received at least one slot."""
-        offs = self.offsets.tolist()
-        return [(e, offs[e], offs[e + 1]) for e in range(len(offs) - 1) if offs[e + 1] > offs[e]]
+ExpertGroups = RoutingPlan  # the name this record had before it became the shared routing plan
 
 
-def group_by_expert(expert_idx: torch.Tensor, num_experts: int) -> ExpertGroups:
+def group_by_expert(expert_idx: torch.Tensor, num_experts: int) -> RoutingPlan:
     """Sorts the routing slots of ``expert_idx`` (B, k) by expert (stable, so samples stay in order).
 
     Args:
@@ -37,19 +21,15 @@ def group_by_expert(expert_idx: torch.Tensor, num_experts: int) -> ExpertGroups:
         num_experts: E.
 
     Returns:
-        An ``ExpertGroups`` whose runs list, for each expert, the (sample, slot) pairs it serves.
+        A ``RoutingPlan``; its ``sample``/``slot``/``counts``/``offsets`` list, for each expert, the
+        (sample, slot) pairs it serves, and ``ranges()`` the non-empty runs.
     """
-    batch, top_k = expert_idx.shape
-    flat = expert_idx.reshape(-1).to(torch.int64)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
-    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
-    torch.cumsum(counts, 0, out=offsets[1:])
-    return ExpertGroups(sample=order // top_k, slot=order % top_k, counts=counts, offsets=offsets)
+    return RoutingPlan.build(expert_idx, num_experts)
 
 
 def expert_usage(expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     """(E,) share of the B*k routing slots that each expert received (sums to 1; zeros if B = 0)."""
-    counts = torch.bincount(expert_idx.reshape(-1).to(torch.int64), minlength=num_experts).double()
-    total = counts.sum()
-    return counts / total if total > 0 else counts
+    flat = expert_idx.reshape(-1).to(torch.int64)
+    counts = torch.zeros(num_experts, dtype=torch.float64, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
+    return counts / counts.sum().clamp_min(1.0)

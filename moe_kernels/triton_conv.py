@@ -1,15 +1,16 @@
 """The ``triton`` backend of ``sparse_moe_conv2d``: entry points over the NHWC kernels in ``moe_kernels._triton``.
 
-Design (docs/triton.md): the B*k routing slots are sorted by expert; every GEMM row (an output pixel
-of a slot in the forward and the weight gradient, an input pixel in the input gradient) then belongs
-to one expert, and ``build_tile_schedule`` cuts each expert's rows into tiles padded only at expert
-boundaries. The forward and the input gradient are channels_last implicit GEMMs over that tile table
-on a persistent grid, with the epilogue (bias, gate, residual, ReLU, cast) fused into the store; the
-weight gradient is a per-expert reduction into fp32 partials plus one deterministic reduce. Nothing
-synchronises with the host. NCHW inputs are converted to channels_last once per call.
+Design (docs/triton.md): the B*k routing slots are sorted by expert (the ``RoutingPlan``, shared by the layers
+of one routing, or sorted here); every GEMM row (an output pixel of a slot in the forward and the weight
+gradient, an input pixel in the input gradient) then belongs to one expert, and the plan's tile table cuts
+each expert's rows into tiles padded only at expert boundaries. The forward and the input gradient are
+channels_last implicit GEMMs over that tile table on a persistent grid, with the epilogue (bias, gate,
+residual, ReLU, cast) fused into the store; the weight gradient is a per-expert reduction into fp32 partials
+plus one deterministic reduce. Nothing synchronises with the host. NCHW inputs are converted to channels_last
+once per call.
 
-Calls the kernels cannot serve (fp64 on a GPU, more than 2**31 - 1 GEMM rows) run on the reference
-backend after a one-time warning that names the reason.
+Calls the kernels cannot serve (fp64 on a GPU, more than 2**31 - 1 GEMM rows) run on the reference backend
+after a one-time warning that names the reason.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import importlib
 import torch
 
 from moe_kernels.backends import BackendUnavailable
+from moe_kernels.plan import RoutingPlan
 
 Pair = tuple[int, int]
 
@@ -45,17 +47,19 @@ def forward(
     stride: Pair,
     padding: Pair,
     dilation: Pair,
+    plan: RoutingPlan | None = None,
 ) -> torch.Tensor:
     """Forward of the op on the Triton kernels (arguments validated by the op).
 
     Args:
         x: (B, C_in, H, W); weight: (E*w, C_in, kh, kw); expert_idx: (B, k) int64; num_experts: E;
         gate: (B, k) or None; bias: (E*w,) or None; stride, padding, dilation: int pairs.
+        plan: the ``RoutingPlan`` of expert_idx (sorted slots, cached tile tables), or None to sort here.
 
     Returns:
         y: (B, k*w, H_out, W_out) in x's dtype, channels_last when x is.
     """
-    return forward_fused(x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation)
+    return forward_fused(x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation, plan=plan)
 
 
 def forward_fused(
@@ -71,6 +75,7 @@ def forward_fused(
     residual: torch.Tensor | None = None,
     relu: bool = False,
     grouped_out: bool = False,
+    plan: RoutingPlan | None = None,
 ) -> torch.Tensor:
     """Inference forward with the fused epilogue ``relu?(gate * (conv + bias) + residual)`` (no autograd).
 
@@ -80,7 +85,9 @@ def forward_fused(
         residual: None or a tensor of the output's shape (any strides; grouped: (B*k*H_out*W_out, w)).
         relu: fuse a ReLU after the residual add.
         grouped_out: return (B*k*H_out*W_out, w) rows in expert-sorted slot order
-            (``moe_kernels._triton.launcher.sorted_slots``) instead of (B, k*w, H_out, W_out).
+            (``moe_kernels._triton.launcher.sorted_slots``, the same order as ``RoutingPlan``) instead of
+            (B, k*w, H_out, W_out).
+        plan: the ``RoutingPlan`` of expert_idx, or None.
 
     Returns:
         The output in x's dtype (scattered: x's memory format).
@@ -93,13 +100,13 @@ def forward_fused(
     reason = _fallback_reason(x, expert_idx, pixels)
     if reason is None:
         return conv_forward(x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation,
-                            residual=residual, relu=relu, grouped_out=grouped_out)  # fmt: skip
+                            residual=residual, relu=relu, grouped_out=grouped_out, plan=plan)  # fmt: skip
     from moe_kernels._triton.launcher import warn_fallback_once
 
     warn_fallback_once(reason)
     if grouped_out:
         raise ValueError(f"grouped_out=True needs the Triton kernels, which cannot run this call: {reason}")
-    y = _reference()[0](x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation)
+    y = _reference()[0](x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation, plan=plan)
     y = y + residual if residual is not None else y
     return torch.relu(y) if relu else y
 
@@ -116,6 +123,7 @@ def backward(
     padding: Pair,
     dilation: Pair,
     needs: tuple[bool, bool, bool, bool],
+    plan: RoutingPlan | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Backward of the op on the Triton kernels (weight, bias and gate gradients deterministic).
 
@@ -123,6 +131,7 @@ def backward(
         grad_out: (B, k*w, H_out, W_out) gradient of the output (any strides).
         x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation: as in ``forward``.
         needs: which of (x, weight, bias, gate) need a gradient.
+        plan: the ``RoutingPlan`` of expert_idx, or None.
 
     Returns:
         (grad_x (B, C_in, H, W), grad_weight (E*w, C_in, kh, kw), grad_bias (E*w,), grad_gate (B, k)),
@@ -134,9 +143,10 @@ def backward(
     reason = _fallback_reason(x, expert_idx, pixels)
     if reason is None:
         return conv_backward(grad_out, x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation,
-                             needs)  # fmt: skip
+                             needs, plan=plan)  # fmt: skip
     warn_fallback_once(reason)
-    return _reference()[1](grad_out, x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation, needs)
+    return _reference()[1](grad_out, x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation, needs,
+                           plan=plan)  # fmt: skip
 
 
 def auto_choice(

@@ -217,7 +217,7 @@ def test_opcheck():
     case = CASES["k2_of_4"]
     x, weight, expert_idx, gate, bias = make_inputs(case, torch.float64, device="cuda")
     args = (x, weight, expert_idx, gate, bias, case.experts, list(case.stride), list(case.padding),
-            list(case.dilation), "none", "cuda")  # fmt: skip
+            list(case.dilation), "none", "cuda", [])  # fmt: skip
     torch.library.opcheck(torch.ops.moe_kernels.sparse_moe_conv2d.default, args)
 
 

@@ -101,11 +101,13 @@ def test_low_precision_error_rule(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_opcheck(backend):
+@pytest.mark.parametrize("with_plan", [False, True], ids=["no_plan", "plan"])
+def test_opcheck(backend, with_plan):
     case = CASES["k2_of_4"]
     x, weight, expert_idx, gate, bias = make_inputs(case, torch.float64 if backend != "triton" else torch.float32)
+    plan = moe_kernels.RoutingPlan.build(expert_idx, case.experts).tensors() if with_plan else []
     args = (x, weight, expert_idx, gate, bias, case.experts, list(case.stride), list(case.padding),
-            list(case.dilation), "none", backend)  # fmt: skip
+            list(case.dilation), "none", backend, plan)  # fmt: skip
     torch.library.opcheck(torch.ops.moe_kernels.sparse_moe_conv2d.default, args)
 
 

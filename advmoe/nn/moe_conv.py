@@ -16,6 +16,8 @@ from torch.nn.modules.utils import _pair
 from advmoe.nn.routers import PerLayerRouter, Router
 from advmoe.nn.routing import Routing, top_k_routing
 from moe_kernels import sparse_moe_conv2d
+from moe_kernels.backends import backend_uses_plan, resolve_backend
+from moe_kernels.plan import RoutingPlan
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -142,6 +144,16 @@ class SparseMoEConv2d(nn.Module):
         counts = self.expert_counts.double()
         return counts / total if total > 0 else counts
 
+    def shared_plan(self, x: torch.Tensor, routing: Routing | None, expert_idx: torch.Tensor) -> RoutingPlan | None:
+        """The routing plan to pass to the op: ``routing.plan()`` (built once, shared by every layer driven by
+        this routing) when ``expert_idx`` came from ``routing`` and the backend uses plans, else None (the op
+        then builds its own when its backend uses one)."""
+        if routing is None or routing.expert_idx is not expert_idx or self.frozen_expert_idx is not None:
+            return None
+        if not backend_uses_plan(resolve_backend(self.backend, x.device)):
+            return None
+        return routing.plan(self.num_experts)
+
     def route(self, x: torch.Tensor, routing: Routing | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The (expert_idx (B, k), gate (B, k) or None) this layer uses for input x (B, C_in, H, W)."""
         batch = x.shape[0]
@@ -177,7 +189,8 @@ class SparseMoEConv2d(nn.Module):
         Args:
             x: (B, C_in, H, W) input.
             routing: decisions of a model-level router (expert_idx (B, k), gate (B, k)), or None to use
-                the layer's own router.
+                the layer's own router. Its cached ``RoutingPlan`` (``routing.plan()``) is shared with every
+                other layer it drives.
 
         Returns:
             (B, out_channels, H_out, W_out); channels [j*w, (j+1)*w) hold the sample's j-th expert.
@@ -198,6 +211,7 @@ class SparseMoEConv2d(nn.Module):
         return sparse_moe_conv2d(
             x, self.weight, expert_idx, self.num_experts, gate=gate, bias=self.bias, stride=self.stride,
             padding=padding, dilation=self.dilation, backend=self.backend,
+            plan=self.shared_plan(x, routing, expert_idx),
         )  # fmt: skip
 
     def extra_repr(self) -> str:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from moe_kernels import RoutingPlan
 
 _SCORES = ("logits", "softmax")
 
@@ -23,6 +25,19 @@ class Routing:
     expert_idx: torch.Tensor
     gate: torch.Tensor
     logits: torch.Tensor
+    _plans: dict[int, RoutingPlan] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def plan(self, num_experts: int | None = None) -> RoutingPlan:
+        """The ``moe_kernels.RoutingPlan`` of ``expert_idx``, built on first use and cached on this record, so
+        every MoE layer driven by this routing shares ONE plan per forward.
+
+        Args:
+            num_experts: E of the layers (default: the router's, ``logits.shape[1]``).
+        """
+        num_experts = self.num_experts if num_experts is None else num_experts
+        if num_experts not in self._plans:
+            self._plans[num_experts] = RoutingPlan.build(self.expert_idx, num_experts)
+        return self._plans[num_experts]
 
     @property
     def num_experts(self) -> int:

@@ -64,7 +64,7 @@ def bench_shape(c_in: int, width: int, size: int, batch: int, dtype) -> dict:
     slim_w = weight[:width].contiguous()
     grad = torch.randn(batch, width, size, size, generator=g).to(dev, dtype).contiguous(memory_format=cl)
     args = (x, weight, idx, 2, gate, bias, (1, 1), (1, 1), (1, 1))
-    bn = torch.nn.BatchNorm2d(width).to(dev, dtype).eval()
+    bn = torch.nn.BatchNorm2d(width).to(dev).eval()  # fp32 parameters, as under autocast
     out = {
         "slim_fwd": graph_us(lambda: F.conv2d(x, slim_w, None, 1, 1)),
         "triton_fwd": graph_us(lambda: triton_conv.forward(*args)),

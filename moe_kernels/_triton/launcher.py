@@ -30,6 +30,14 @@ MAX_ROWS = 2**31 - 1
 MAX_WGRAD_CHUNKS = 256
 
 
+def _routing(expert_idx: torch.Tensor, num_experts: int, plan, rows_per_slot: int, block_rows: int):
+    """(sample, slot, tile table) from ``plan`` (its cached tables) or, without one, sorted here."""
+    if plan is not None:
+        return plan.sample, plan.slot, plan.tile_schedule(rows_per_slot, block_rows)
+    sample, slot, counts = sorted_slots(expert_idx, num_experts)
+    return sample, slot, build_tile_schedule(counts, expert_idx.numel(), rows_per_slot, block_rows)
+
+
 def sorted_slots(expert_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sorted (sample, slot) of the B*k routing slots and per-expert counts, without a host sync.
 
@@ -164,6 +172,7 @@ def conv_forward(
     residual: torch.Tensor | None = None,
     relu: bool = False,
     grouped_out: bool = False,
+    plan=None,
 ) -> torch.Tensor:
     """Forward v2 with the fused epilogue ``relu?(gate * (conv + bias) + residual)``.
 
@@ -176,6 +185,7 @@ def conv_forward(
         relu: fuse a ReLU.
         grouped_out: return the grouped order (B*k*H_out*W_out, w): row ``s*H_out*W_out + p`` is pixel p of
             the s-th routing slot in expert-sorted order (``sorted_slots``), instead of the scattered layout.
+        plan: a ``moe_kernels.plan.RoutingPlan`` of expert_idx (its sorted slots and cached tile tables), or None.
 
     Returns:
         (B, k*w, H_out, W_out) in x's dtype and memory format, or the grouped (B*k*H_out*W_out, w).
@@ -196,8 +206,7 @@ def conv_forward(
     pad = channel_pad_multiple()
     x_nhwc = nhwc_padded(x, pad)
     config = fit_block_k(config, x_nhwc.shape[3])
-    sample, slot, counts = sorted_slots(expert_idx, num_experts)
-    schedule = build_tile_schedule(counts, batch * top_k, rows_per_slot, config.block_m)
+    sample, slot, schedule = _routing(expert_idx, num_experts, plan, rows_per_slot, config.block_m)
     work = schedule.num_tiles * triton.cdiv(width, config.block_n)
     from moe_kernels._triton.forward_nhwc import launch_forward_nhwc
 
@@ -221,6 +230,7 @@ def conv_backward(
     padding: Pair,
     dilation: Pair,
     needs: tuple[bool, bool, bool, bool],
+    plan=None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Backward v2: (grad_x, grad_weight, grad_bias, grad_gate), None where not needed.
 
@@ -251,11 +261,10 @@ def conv_backward(
     x_nhwc = nhwc_padded(x, pad)  # (B, H, W, C_pad)
     go_nhwc = slots_nhwc_padded(grad_out.to(x.dtype), top_k, width, pad)  # (B, H_out, W_out, k*w_pad)
     w_pad = padded(width, pad)
-    sample, slot, counts = sorted_slots(expert_idx, num_experts)
     num_slots = batch * top_k
     if need_x or need_g:
         config = fit_block_k(tuning.get_config("dgrad", x.dtype, c_in, width, (kh, kw), stride, x.device), w_pad)
-        schedule = build_tile_schedule(counts, num_slots, height * wid, config.block_m)
+        sample, slot, schedule = _routing(expert_idx, num_experts, plan, height * wid, config.block_m)
         n_blocks = triton.cdiv(c_in, config.block_n)
         target = None
         if need_x:
@@ -282,9 +291,9 @@ def conv_backward(
         config = tuning.get_config("wgrad", x.dtype, c_in, width, (kh, kw), stride, x.device)
         config = fit_block_k(config, x_nhwc.shape[3])
         rows_per_slot = go_nhwc.shape[1] * go_nhwc.shape[2]
-        col_programs = triton.cdiv(w_pad, config.block_n) * kh * kw * (x_nhwc.shape[3] // config.block_k)
+        col_programs = triton.cdiv(w_pad, config.block_n) * kh * kw * triton.cdiv(x_nhwc.shape[3], config.block_k)
         chunk = wgrad_chunk_rows(num_slots * rows_per_slot, config.block_m, col_programs, num_experts, x.device)
-        schedule = build_tile_schedule(counts, num_slots, rows_per_slot, chunk)
+        sample, slot, schedule = _routing(expert_idx, num_experts, plan, rows_per_slot, chunk)
         gw5, grad_b = launch_wgrad_nhwc(
             go_nhwc, x_nhwc, gate, need_w, need_b, (sample, slot), schedule, num_experts, w_pad, stride, padding,
             dilation, (kh, kw), acc_dtype, weight.dtype if need_w else bias.dtype, dot, config,

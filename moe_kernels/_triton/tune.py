@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -72,7 +73,8 @@ def prune(arch: int, dtypes, shapes, workers: int) -> tuple[dict, list]:
                 for cfg in tuning.candidate_configs(kind, dtype, c_in if kind == "dgrad" else width):
                     jobs.append((arch, dtype_name, c_in, width, kind, asdict(cfg)))
     kept, rejects = {}, []
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    # spawn, not fork: the parent has initialised CUDA (workers only compile, on meta tensors)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         for job, problems in pool.map(_prune_one, jobs):
             arch_, dtype_name, c_in, width, kind, cfg = job
             if problems:
