@@ -181,6 +181,28 @@ def test_low_precision_within_twice_plain_pytorch():
         assert err <= 2 * base_err + ulp, f"{what}: max err {err:.3e} vs plain PyTorch {base_err:.3e} (ulp {ulp:.1e})"
 
 
+def test_unsupported_call_falls_back_to_the_reference_with_one_warning(monkeypatch):
+    from moe_kernels import triton_conv
+
+    monkeypatch.setattr(launcher, "unsupported_reason", lambda *a: "dtype test-only is not supported")
+    monkeypatch.setattr(launcher, "_warned", set())
+    case = Case(batch=2, size=(4, 5))
+    x, weight, idx, gate, bias = _detached(case)
+    args = (x, weight, idx, case.experts, gate, bias, case.stride, case.padding, case.dilation)
+    with pytest.warns(UserWarning, match="dtype test-only is not supported.*reference backend"):
+        out = triton_conv.forward(*args)
+    assert_close(out, sparse_moe_conv2d_ref(*args), 1e-12, 1e-12, "fallback forward")
+    grad_out = torch.ones_like(out)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same reason warns only once
+        got = triton_conv.backward(grad_out, *args, ALL)
+    want = sparse_moe_conv2d_backward_ref(grad_out, *args, ALL)
+    for name, g, w in zip(("x", "weight", "bias", "gate"), got, want, strict=True):
+        assert_close(g, w, 1e-12, 1e-12, f"fallback grad {name}")
+
+
 # ---------------------------------------------------------------- weight packs
 
 
