@@ -8,6 +8,12 @@ Always builds the C++ CPU extension ``moe_kernels._C``. Builds the CUDA extensio
     ADVMOE_CUDA=0     never build it
 
 ``TORCH_CUDA_ARCH_LIST`` (e.g. "8.0;9.0") selects the GPU architectures, as in every torch extension.
+
+Host compiler: unless ``CXX`` is set, the build picks a g++ of the major version torch was built with
+(``torch.__config__.show()``, e.g. "GCC 13.3"): ``/usr/bin/g++``, ``/usr/bin/g++-<major>`` or ``g++`` on
+PATH, first match wins (a g++ wrapper first on PATH once produced extensions that crashed when a check
+formatted its message). Without a match it warns, and with ``ADVMOE_CUDA=1`` it stops with the fix (set
+``CC``/``CXX`` to a gcc/g++ of that version, or ``ADVMOE_ANY_COMPILER=1`` to build anyway).
 Install torch first (``pip install torch==2.13.0``), then ``pip install --no-build-isolation -e .``.
 """
 
@@ -15,7 +21,9 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -30,6 +38,45 @@ except ImportError:
     )
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _torch_gcc_major() -> str | None:
+    """Major version of the GCC torch was built with, from torch.__config__.show(), or None."""
+    match = re.search(r"GCC (\d+)\.", torch.__config__.show())
+    return match.group(1) if match else None
+
+
+def _gxx_major(path: str) -> str | None:
+    try:
+        out = subprocess.run([path, "-dumpversion"], capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.split(".")[0] or None
+
+
+def _choose_compiler() -> None:
+    """Sets CC/CXX to a gcc/g++ of torch's GCC major version (see the module docstring), or warns / stops."""
+    want = _torch_gcc_major()
+    if "CXX" in os.environ or want is None:
+        print(f"advmoe build: host compiler CXX={os.environ.get('CXX', '(default)')} (torch built with GCC {want})")
+        return
+    candidates = list(dict.fromkeys(["/usr/bin/g++", f"/usr/bin/g++-{want}", shutil.which("g++") or ""]))
+    for cxx in candidates:
+        if cxx and os.path.exists(cxx) and _gxx_major(cxx) == want:
+            cc = cxx.replace("g++", "gcc")
+            os.environ["CXX"] = cxx
+            if os.path.exists(cc):
+                os.environ.setdefault("CC", cc)
+            print(f"advmoe build: host compiler {cxx} (GCC {want}, the major version torch was built with)")
+            return
+    found = ", ".join(f"{c} (GCC {_gxx_major(c)})" for c in candidates if c and os.path.exists(c)) or "none"
+    message = (
+        f"advmoe build: torch was built with GCC {want}, found {found}. Fix: install g++-{want} and set "
+        f"CC=/usr/bin/gcc-{want} CXX=/usr/bin/g++-{want} (or ADVMOE_ANY_COMPILER=1 to build with another)"
+    )
+    if _cuda_mode() == "1" and os.environ.get("ADVMOE_ANY_COMPILER") != "1":
+        sys.exit(message)
+    print("WARNING: " + message)
 
 
 def _cuda_mode() -> str:
@@ -91,4 +138,5 @@ def _extensions():
     return exts
 
 
+_choose_compiler()
 setup(ext_modules=_extensions(), cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})

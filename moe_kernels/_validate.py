@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
+from moe_kernels.geometry import output_hw
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -28,11 +30,6 @@ def pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     if len(items) != 2 or not all(isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool) for v in items):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     return (items[0], items[1])
-
-
-def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    """Output length of a convolution along one spatial axis (PyTorch's formula)."""
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def check_sparse_moe_conv2d_args(
@@ -58,7 +55,8 @@ def check_sparse_moe_conv2d_args(
         stride, padding, dilation: pairs of ints.
 
     Only shapes, dtypes and devices are checked here, so the check traces under torch.compile and
-    torch.export; the index values are checked by ``check_expert_idx_values`` inside the op.
+    torch.export; the index values are checked by ``moe_kernels.plan.check_expert_idx_values`` when the plan is built
+    (or inside the op for the compiled backends).
 
     Raises:
         TypeError: an argument has the wrong type or dtype.
@@ -120,21 +118,10 @@ def check_sparse_moe_conv2d_args(
             raise ValueError(f"{name} must be >= 1, got {(a, b)}")
     if padding[0] < 0 or padding[1] < 0:
         raise ValueError(f"padding must be >= 0, got {padding}")
-    h_out = conv_output_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
-    w_out = conv_output_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
+    h_out, w_out = output_hw(x, weight, stride, padding, dilation)
     if h_out < 1 or w_out < 1:
         raise ValueError(
             f"output size would be {h_out}x{w_out} for input {tuple(x.shape[2:])}, kernel "
             f"{tuple(weight.shape[2:])}, stride {stride}, padding {padding}, dilation {dilation}; it must be >= 1"
         )
     return h_out, w_out
-
-
-def check_expert_idx_values(expert_idx: torch.Tensor, num_experts: int) -> None:
-    """Raises ValueError unless every entry of ``expert_idx`` (B, k) lies in ``[0, num_experts)``."""
-    if expert_idx.numel() == 0:
-        return
-    lo, hi = torch.aminmax(expert_idx)
-    lo, hi = int(lo), int(hi)
-    if lo < 0 or hi >= num_experts:
-        raise ValueError(f"expert_idx values must be in [0, {num_experts}), got values in [{lo}, {hi}]")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from moe_kernels.geometry import needed_grads
+
 Pair = tuple[int, int]
 
 
@@ -81,8 +83,7 @@ def backward(
     Returns:
         (grad_x (B, C_in, H, W), grad_weight (E*w, C_in, kh, kw), grad_bias (E*w,), grad_gate (B, k)).
     """
-    needs = tuple(bool(n) for n in needs)
-    needs = (needs[0], needs[1], needs[2] and bias is not None, needs[3] and gate is not None)
+    needs = needed_grads(needs, bias, gate)
     grad_out, x, weight, gate, bias = _detached(grad_out, x, weight, gate, bias)
     grads = torch.ops.moe_kernels_C.sparse_moe_conv2d_bwd(
         grad_out, x, weight, expert_idx, gate, bias, num_experts, list(stride), list(padding), list(dilation),

@@ -15,15 +15,10 @@ import torch
 
 from moe_kernels._validate import check_sparse_moe_conv2d_args, pair
 from moe_kernels.backends import backend_uses_plan, get_backend, resolve_backend
+from moe_kernels.geometry import output_hw, output_memory_format
 from moe_kernels.plan import RoutingPlan, check_expert_idx_values
 
 _ACTIVATIONS = ("none", "relu")
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    """The output follows the input: channels_last in, channels_last out; else contiguous."""
-    channels_last = x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if channels_last and not x.is_contiguous() else torch.contiguous_format
 
 
 def _plan_for(plan: Sequence[torch.Tensor], expert_idx: torch.Tensor, num_experts: int, backend: str):
@@ -74,7 +69,7 @@ def _sparse_moe_conv2d_op(
                     plan=routing_plan)  # fmt: skip
     if activation == "relu":
         y = torch.relu_(y) if not y.requires_grad else torch.relu(y)
-    y = y.contiguous(memory_format=_memory_format(x))
+    y = y.contiguous(memory_format=output_memory_format(x))
     # A fresh tensor, never a view: callers may apply in-place ops (nn.ReLU(inplace=True)) to the output.
     return y.clone() if y._base is not None else y
 
@@ -83,9 +78,8 @@ def _sparse_moe_conv2d_op(
 def _(x, weight, expert_idx, gate, bias, num_experts, stride, padding, dilation, activation, backend, plan):
     batch, top_k = expert_idx.shape
     width = weight.shape[0] // num_experts
-    h_out = (x.shape[2] + 2 * padding[0] - dilation[0] * (weight.shape[2] - 1) - 1) // stride[0] + 1
-    w_out = (x.shape[3] + 2 * padding[1] - dilation[1] * (weight.shape[3] - 1) - 1) // stride[1] + 1
-    return x.new_empty((batch, top_k * width, h_out, w_out)).contiguous(memory_format=_memory_format(x))
+    h_out, w_out = output_hw(x, weight, stride, padding, dilation)
+    return x.new_empty((batch, top_k * width, h_out, w_out)).contiguous(memory_format=output_memory_format(x))
 
 
 # Gradients of (x, weight, bias, gate); an entry not asked for in `needs` comes back as an empty tensor.
@@ -166,7 +160,7 @@ def sparse_moe_conv2d(
     """Sparse channel-gated MoE convolution: computes only the output channels of the selected experts.
 
     ``y[b, j*w:(j+1)*w] = gate[b, j] * (conv2d(x[b], weight[e*w:(e+1)*w]) + bias[e*w:(e+1)*w])`` with
-    ``e = expert_idx[b, j]``; then ``activation`` (a fused ReLU for inference) if asked. Differentiable
+    ``e = expert_idx[b, j]``; then ``activation`` (ReLU) if asked. Differentiable
     in x, weight, bias and gate.
 
     Args:
@@ -178,11 +172,14 @@ def sparse_moe_conv2d(
         gate: (B, k) gates, or None for all ones (no gate gradient then).
         bias: (E * w,) or None.
         stride, padding, dilation: int or pair, as in ``torch.nn.functional.conv2d``.
-        backend: "auto", "reference", "cpu", "triton" or "cuda" (see ``available_backends()``).
-        activation: "none" or "relu" (applied after the gate).
+        backend: "auto", "reference", "cpu", "triton", "cuda" or "slices" (see ``available_backends()``;
+            "slices" is never picked by "auto").
+        activation: "none" or "relu": applied after the gate, inside the registered op, as a separate
+            (in-place when no gradient is recorded) pass over the output; no backend fuses it into its
+            kernel epilogue. The op's backward masks the gradient with the saved output.
         plan: a ``moe_kernels.RoutingPlan`` built from this very ``expert_idx`` tensor and ``num_experts``
             (``RoutingPlan.build(expert_idx, E)``), shared by the layers that use the same routing; None
-            builds one here for the backends that use it (reference, triton) and shares it between this
+            builds one here for the backends that use it (reference, triton, slices) and shares it between this
             call's forward and backward.
 
     Returns:

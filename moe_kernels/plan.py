@@ -14,8 +14,9 @@ except on CPU tensors, where reading the values costs nothing and gives a ``Valu
 environment variable ``MOE_KERNELS_INDEX_CHECK`` (or the ``check=`` argument) overrides the choice:
 ``"host"`` checks on the host everywhere (one sync on a GPU, a clear ValueError; for debugging),
 ``"device"`` uses the device assertion everywhere. The only host read a plan offers is
-``host_offsets()``, for backends that launch one library call per expert (reference, slices); it is
-made once per plan, i.e. once per forward when the plan is shared, and cached.
+``host_groups()`` (and ``host_offsets()`` from the same read), for backends that launch one library call per
+expert (reference, slices); it is made once per plan, i.e. once per forward when the plan is shared, and
+cached.
 
 On a GPU the plan is built with torch device ops (about ten small launches), not a dedicated Triton
 kernel; none of them synchronises with the host.
@@ -110,6 +111,7 @@ class RoutingPlan:
         self.source = source
         self._tiles: dict[tuple[int, int], TileSchedule] = {}
         self._host_offsets: list[int] | None = None
+        self._host_groups: list[tuple[int, int, int, int, int]] | None = None
         if not torch.compiler.is_compiling():
             _LIVE_PLANS[id(counts)] = self
 
@@ -178,10 +180,34 @@ class RoutingPlan:
             self._tiles[key] = build_tile_schedule(self.counts, self.batch * self.top_k, rows_per_slot, block_rows)
         return self._tiles[key]
 
+    def host_groups(self) -> list[tuple[int, int, int, int, int]]:
+        """``[(expert, start, end, first_sample, slot), ...]`` of the experts with slots, from ONE device-to-host
+        read per plan (cached; shared with ``host_offsets``). ``first_sample >= 0`` when the expert's sorted
+        slots are consecutive samples ``first_sample, first_sample + 1, ...`` all at position ``slot`` (so the
+        expert's input and output are contiguous slices of the batch); else -1."""
+        if self._host_groups is None:
+            num_slots = self.sample.shape[0]
+            starts, ends = self.offsets[:-1], self.offsets[1:]
+            if num_slots > 0:
+                breaks = (self.sample[1:] - self.sample[:-1] != 1) | (self.slot[1:] != self.slot[:-1])
+                prefix = torch.cat([breaks.new_zeros(1, dtype=torch.int64), torch.cumsum(breaks.to(torch.int64), 0)])
+                first = starts.clamp(max=num_slots - 1)
+                last = (ends - 1).clamp(min=0, max=num_slots - 1)
+                info = [prefix[last] - prefix[first], self.sample[first], self.slot[first]]
+            else:
+                info = [torch.zeros_like(starts)] * 3
+            table = torch.stack([starts, ends, *info]).tolist()  # the one host read
+            self._host_offsets = table[0] + table[1][-1:]
+            self._host_groups = [
+                (e, start, end, first_sample if run_breaks == 0 else -1, slot)
+                for e, (start, end, run_breaks, first_sample, slot) in enumerate(zip(*table, strict=True))
+                if end > start
+            ]
+        return self._host_groups
+
     def host_offsets(self) -> list[int]:
-        """``offsets`` as Python ints: ONE device-to-host read per plan, cached (for per-expert library calls)."""
-        if self._host_offsets is None:
-            self._host_offsets = self.offsets.tolist()
+        """``offsets`` as Python ints, from the one cached host read of ``host_groups``."""
+        self.host_groups()
         return self._host_offsets
 
     def ranges(self) -> list[tuple[int, int, int]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moe_kernels._validate import conv_output_size
+from moe_kernels.geometry import needed_grads, output_hw
 from moe_kernels.plan import RoutingPlan
 
 Pair = tuple[int, int]
@@ -47,9 +47,7 @@ def sparse_moe_conv2d_ref(
     batch, top_k = expert_idx.shape
     width = weight.shape[0] // num_experts
     groups = plan if plan is not None else RoutingPlan.build(expert_idx, num_experts)
-    h_out, w_out = (
-        conv_output_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i]) for i in range(2)
-    )
+    h_out, w_out = output_hw(x, weight, stride, padding, dilation)
     out = x.new_zeros(batch, top_k, width, h_out, w_out)
     for e, start, end in groups.ranges():
         rows = slice(e * width, (e + 1) * width)
@@ -90,9 +88,7 @@ def sparse_moe_conv2d_backward_ref(
     Returns:
         (grad_x (B, C_in, H, W), grad_weight (E*w, C_in, kh, kw), grad_bias (E*w,), grad_gate (B, k)).
     """
-    need_x, need_w, need_b, need_g = needs
-    need_g = need_g and gate is not None
-    need_b = need_b and bias is not None
+    need_x, need_w, need_b, need_g = needed_grads(needs, bias, gate)
     batch, top_k = expert_idx.shape
     width = weight.shape[0] // num_experts
     grad_slots = grad_out.reshape(batch, top_k, width, *grad_out.shape[2:])

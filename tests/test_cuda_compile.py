@@ -58,8 +58,8 @@ def _own_warnings(stderr: str) -> list[str]:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where the backend is absent")
 def test_missing_cuda_backend_says_how_to_get_it():
-    from moe_kernels import cuda_ext
     from moe_kernels.backends import BackendUnavailable
+    from moe_kernels.backends import cuda as cuda_ext
 
     with pytest.raises(BackendUnavailable, match="ADVMOE_CUDA=1 pip install --no-build-isolation -e ."
                        if torch.version.cuda is None else "GPU"):  # fmt: skip

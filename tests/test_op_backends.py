@@ -11,7 +11,7 @@ from op_cases import CASES, assert_close, make_inputs
 import moe_kernels
 from moe_kernels import sparse_moe_conv2d, sparse_moe_conv2d_ref
 
-CPU_BACKENDS = ["reference", "cpu", "triton"]
+CPU_BACKENDS = ["reference", "cpu", "triton", "slices"]
 # The Triton interpreter is slow: it gets the cases that exercise distinct code paths.
 TRITON_CASES = ["basic", "no_bias_no_gate", "k2_of_4", "stride2_pad0", "dilation2", "empty_expert", "batch0",
                 "channels_last", "odd_big"]  # fmt: skip
@@ -62,7 +62,7 @@ def test_matches_reference(backend, case_name, dtype):
         assert_close(got, want, tol * 10, tol * 10, f"grad {name}")
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "slices"])
 @pytest.mark.parametrize("case_name", ["basic", "k2_of_4", "stride2_pad0", "dilation2", "empty_expert"])
 def test_gradcheck_fp64(backend, case_name):
     case = CASES[case_name]

@@ -14,7 +14,7 @@ from moe_kernels import RoutingPlan, sparse_moe_conv2d
 from moe_kernels._triton.schedule import build_tile_schedule
 from moe_kernels.plan import INDEX_CHECK_ENV, check_expert_idx_values, index_check_mode
 
-CPU_BACKENDS = ["reference", "cpu", "triton"]
+CPU_BACKENDS = ["reference", "cpu", "triton", "slices"]
 
 
 def _naive(expert_idx: list[list[int]], num_experts: int):
@@ -247,3 +247,42 @@ def _unspied(call, reads):
             reads[:] = saved
 
     return wrapper
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_slices_backend_on_a_batch_grouped_by_expert(top_k):
+    """A batch already grouped by expert runs on slices of x and of the output (no gather); results and
+    gradients match the reference."""
+    experts, width = 3, 4
+    expert_idx = torch.tensor([[0, 1], [0, 1], [2, 1], [2, 1], [2, 1]])[:, :top_k].contiguous()
+    plan = RoutingPlan.build(expert_idx, experts)
+    groups = plan.host_groups()
+    if top_k == 1:
+        assert groups == [(0, 0, 2, 0, 0), (2, 2, 5, 2, 0)]
+    else:  # expert 1 serves every sample at slot 1: a slice too; experts 0 and 2 at slot 0
+        assert groups == [(0, 0, 2, 0, 0), (1, 2, 7, 0, 1), (2, 7, 10, 2, 0)]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 3, 6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(experts * width, 3, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    gate = (torch.rand(5, top_k, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    bias = torch.randn(experts * width, generator=g, dtype=torch.float64, requires_grad=True)
+    got = sparse_moe_conv2d(x, weight, expert_idx, experts, gate, bias, padding=1, backend="slices", plan=plan)
+    want = moe_kernels.sparse_moe_conv2d_ref(x, weight, expert_idx, experts, gate, bias, (1, 1), (1, 1), (1, 1))
+    torch.testing.assert_close(got, want)
+    grad = torch.randn(got.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(
+        torch.autograd.grad(got, (x, weight, gate, bias), grad),
+        torch.autograd.grad(want, (x, weight, gate, bias), grad),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b)
+
+
+def test_scattered_batch_is_not_a_slice_and_one_host_read_per_plan(monkeypatch):
+    plan = RoutingPlan.build(torch.tensor([[1], [0], [1], [1]]), 2)
+    reads = []
+    _tensor_read_spy(monkeypatch, reads)
+    assert plan.host_groups() == [(0, 0, 1, 1, 0), (1, 1, 4, -1, 0)]  # samples 0, 2, 3: not consecutive
+    assert plan.ranges() == [(0, 0, 1), (1, 1, 4)] and plan.host_offsets() == [0, 1, 4]
+    monkeypatch.undo()
+    assert reads == ["tolist"], f"expected one host read per plan, got {reads}"

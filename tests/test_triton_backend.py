@@ -15,10 +15,10 @@ from op_cases import CASES, Case, assert_close, make_inputs
 
 from moe_kernels import sparse_moe_conv2d, sparse_moe_conv2d_ref
 from moe_kernels._triton import tuning
-from moe_kernels.backends import BackendUnavailable
+from moe_kernels.backends.errors import BackendUnavailable
 from moe_kernels.reference import sparse_moe_conv2d_backward_ref
 
-triton_conv = pytest.importorskip("moe_kernels.triton_conv")
+triton_conv = pytest.importorskip("moe_kernels.backends.triton")
 ALL_NEEDS = (True, True, True, True)
 
 

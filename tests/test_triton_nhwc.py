@@ -182,7 +182,7 @@ def test_low_precision_within_twice_plain_pytorch():
 
 
 def test_unsupported_call_falls_back_to_the_reference_with_one_warning(monkeypatch):
-    from moe_kernels import triton_conv
+    from moe_kernels.backends import triton as triton_conv
 
     monkeypatch.setattr(launcher, "unsupported_reason", lambda *a: "dtype test-only is not supported")
     monkeypatch.setattr(launcher, "_warned", set())

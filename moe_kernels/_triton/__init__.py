@@ -1,4 +1,4 @@
-"""Triton kernels of ``sparse_moe_conv2d`` (the ``triton`` backend; entry point ``moe_kernels.triton_conv``).
+"""Triton kernels of ``sparse_moe_conv2d`` (the ``triton`` backend; entry point ``moe_kernels.backends.triton``).
 
 Modules: ``schedule`` (tile table, pure torch), ``packing`` (cached per-expert weight packs),
 ``common`` (dot precision per dtype), ``tuning`` (launch configurations, tuned tables, auto choice),

@@ -50,8 +50,8 @@ def bench_shape(c_in: int, width: int, size: int, batch: int, dtype) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from moe_kernels import triton_conv
     from moe_kernels._triton import launcher
+    from moe_kernels.backends import triton as triton_conv
 
     dev = torch.device("cuda")
     g = torch.Generator().manual_seed(0)

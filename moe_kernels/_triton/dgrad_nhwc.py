@@ -116,7 +116,7 @@ def moe_conv_dgrad_nhwc_kernel(
 
 def launch_dgrad_nhwc(go_nhwc, packed, x_nhwc, c_in, gate, grad_x, gate_part, sorted_slots, schedule, width, stride,
                       padding, dilation, kernel_size, dot, config, programs):  # fmt: skip
-    """Launches the input-gradient v2 kernel (arguments prepared by ``moe_kernels.triton_conv``).
+    """Launches the input-gradient v2 kernel (arguments prepared by ``moe_kernels.backends.triton``).
 
     Args:
         go_nhwc: (B, H_out, W_out, k*w) channel stride 1 (w: the ``width`` argument, possibly zero-padded);

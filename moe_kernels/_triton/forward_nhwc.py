@@ -124,7 +124,7 @@ def moe_conv_fwd_nhwc_kernel(
 
 def launch_forward_nhwc(x_nhwc, packed, bias, gate, residual, y, sorted_slots, schedule, width, stride, padding,
                         dilation, kernel_size, relu, grouped_out, dot, config, programs):  # fmt: skip
-    """Launches the forward v2 kernel (arguments prepared by the launcher in ``moe_kernels.triton_conv``).
+    """Launches the forward v2 kernel (arguments prepared by the launcher in ``moe_kernels.backends.triton``).
 
     Args:
         x_nhwc: (B, H, W, C_in) with channel stride 1 (``x.permute(0, 2, 3, 1)`` of a channels_last x).

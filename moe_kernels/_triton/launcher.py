@@ -1,6 +1,6 @@
 """Launchers of the NHWC (v2) kernels: layouts, weight packs, tile tables, configs and grids.
 
-The backend functions in ``moe_kernels.triton_conv`` call these. Everything here stays on the device
+The backend functions in ``moe_kernels.backends.triton`` call these. Everything here stays on the device
 (no host synchronisation): the routing slots are sorted with torch ops, the tile table is built with
 torch ops for an upper bound of tiles, and the grids are sized from host-known shapes.
 

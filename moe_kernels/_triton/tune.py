@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     kept, rejects = prune(arch, dtypes, shapes, args.workers)
     print(f"tune: prune done in {time.perf_counter() - t0:.0f} s, {len(rejects)} rejects", flush=True)
     torch.backends.cudnn.benchmark = True
-    cudnn_name = "cuda" if "cuda" in available_backends() else "reference"
+    present = available_backends()
+    cudnn_name = next((b for b in ("cuda", "slices", "reference") if b in present), "reference")
     table = {"gpu": name, "arch": arch, "triton": triton.__version__, "torch": torch.__version__,
              "batch": args.batch, "configs": {}, "auto": {}, "timings": [], "rejects": rejects}  # fmt: skip
     for dtype_name in dtypes:

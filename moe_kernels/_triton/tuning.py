@@ -233,7 +233,7 @@ def choose_backend(
     Returns:
         (backend name, reason in words).
     """
-    cudnn = next((b for b in available if b in ("cuda", "reference")), "reference")
+    cudnn = next((b for b in available if b in ("cuda", "slices", "reference")), "reference")
     if device.type != "cuda":
         return (available[0] if available else "reference"), "not a CUDA device: the device's default order"
     if dtype not in SUPPORTED_DTYPES:

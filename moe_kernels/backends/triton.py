@@ -19,7 +19,7 @@ import importlib
 
 import torch
 
-from moe_kernels.backends import BackendUnavailable
+from moe_kernels.backends.errors import BackendUnavailable
 from moe_kernels.plan import RoutingPlan
 
 Pair = tuple[int, int]
@@ -179,7 +179,7 @@ def load():
             f"the Triton backend needs the `triton` package ({err}); install it with `pip install triton` "
             "(it ships with CUDA builds of torch)"
         ) from None
-    from moe_kernels.backends import triton_interpreter_enabled
+    from moe_kernels.backends import triton_interpreter_enabled  # the registry, loaded by now
 
     if not torch.cuda.is_available() and not triton_interpreter_enabled():
         raise BackendUnavailable(

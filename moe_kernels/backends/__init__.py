@@ -6,16 +6,24 @@ A backend is a pair of functions with the reference's signatures
 plan=None)``),
 the devices it serves, and a probe that says whether it is present and, if not, how to get it.
 The arguments reaching a backend are already validated.
+
+One module per backend in this package (``reference``, ``cpu``, ``cuda``, ``triton``, ``slices``), each
+with a ``load()`` returning ``(forward, backward)`` or raising ``BackendUnavailable`` (``errors``); this
+registry imports them only when a backend is first asked for, and they import nothing from it at import
+time.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from moe_kernels.backends.errors import BackendUnavailable
 
 
 @dataclass(frozen=True)
@@ -36,39 +44,22 @@ class Backend:
     uses_plan: bool = False
 
 
-class BackendUnavailable(RuntimeError):
-    """A requested backend is not built or not usable here; the message says how to get it."""
+def _module_loader(module: str) -> Callable[[], tuple[Callable, Callable]]:
+    """``load`` of the backend module ``moe_kernels.backends.<module>``, imported on first use (so a missing
+    compiled extension or triton costs nothing until that backend is asked for)."""
 
+    def load():
+        return importlib.import_module(f"moe_kernels.backends.{module}").load()
 
-def _load_reference():
-    from moe_kernels.reference import sparse_moe_conv2d_backward_ref, sparse_moe_conv2d_ref
-
-    return sparse_moe_conv2d_ref, sparse_moe_conv2d_backward_ref
-
-
-def _load_cpu():
-    from moe_kernels import cpu_ext
-
-    return cpu_ext.load()
-
-
-def _load_cuda():
-    from moe_kernels import cuda_ext
-
-    return cuda_ext.load()
-
-
-def _load_triton():
-    from moe_kernels import triton_conv
-
-    return triton_conv.load()
+    return load
 
 
 _BACKENDS: dict[str, Backend] = {
-    "reference": Backend("reference", ("cpu", "cuda"), _load_reference, uses_plan=True),
-    "cpu": Backend("cpu", ("cpu",), _load_cpu),
-    "triton": Backend("triton", ("cuda", "cpu"), _load_triton, uses_plan=True),
-    "cuda": Backend("cuda", ("cuda",), _load_cuda),
+    "reference": Backend("reference", ("cpu", "cuda"), _module_loader("reference"), uses_plan=True),
+    "cpu": Backend("cpu", ("cpu",), _module_loader("cpu")),
+    "triton": Backend("triton", ("cuda", "cpu"), _module_loader("triton"), uses_plan=True),
+    "cuda": Backend("cuda", ("cuda",), _module_loader("cuda")),
+    "slices": Backend("slices", ("cpu", "cuda"), _module_loader("slices"), uses_plan=True),
 }
 
 # Order of preference of backend="auto" per device type, fastest first, as measured by
@@ -144,7 +135,7 @@ def auto_backend(
     """The backend ``backend="auto"`` picks for this call, and why.
 
     On a GPU with the Triton backend present, Triton or the cuDNN path by the measurements in the
-    tuned table of this GPU (``moe_kernels.triton_conv.auto_choice``); otherwise the first present
+    tuned table of this GPU (``moe_kernels.backends.triton.auto_choice``); otherwise the first present
     backend of ``AUTO_ORDER[device.type]``.
 
     Args:
@@ -156,9 +147,9 @@ def auto_backend(
     order = AUTO_ORDER.get(x.device.type, ("reference",))
     present = tuple(c for c in order if is_available(c))
     if x.device.type == "cuda" and "triton" in present:
-        from moe_kernels import triton_conv
+        from moe_kernels.backends import triton as triton_backend
 
-        return triton_conv.auto_choice(x, weight, num_experts, stride, present)
+        return triton_backend.auto_choice(x, weight, num_experts, stride, present)
     first = present[0] if present else "reference"
     return first, f"first present backend of the {x.device.type} order {order}"
 

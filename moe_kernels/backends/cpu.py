@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels.backends import BackendUnavailable
+from moe_kernels.backends.errors import BackendUnavailable
 from moe_kernels.compiled_ops import backward, forward
 
 
