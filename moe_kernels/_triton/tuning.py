@@ -221,8 +221,8 @@ def choose_backend(
 ) -> tuple[str, str]:  # fmt: skip
     """The GPU backend ``backend="auto"`` should use for this shape and dtype, and why.
 
-    Triton vs the cuDNN path (the ``cuda`` backend's cuDNN per expert group, else the reference's
-    per-expert ``F.conv2d``) is decided by the measured times in the tuned table of this GPU. Without a
+    Triton vs the cuDNN path (the ``cuda`` backend's cuDNN per expert group, else ``slices`` or the
+    reference's per-expert ``F.conv2d``) is decided by the measured times in the tuned table of this GPU. Without a
     table entry the choice is the cuDNN path (the kernels are untuned there). Unsupported dtypes never
     pick Triton.
 
