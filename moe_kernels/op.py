@@ -198,7 +198,7 @@ def sparse_moe_conv2d(
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if gate is not None and gate.dtype != x.dtype:
         gate = gate.to(x.dtype)
-    name = resolve_backend(backend, x.device)
+    name = resolve_backend(backend, x.device, call=(x, weight, num_experts, stride))
     if plan is not None:
         if not isinstance(plan, RoutingPlan):
             raise TypeError(f"plan must be a moe_kernels.RoutingPlan or None, got {type(plan).__name__}")

@@ -14,7 +14,7 @@ import torch
 from op_cases import CASES, Case, assert_close, make_inputs
 
 from moe_kernels import sparse_moe_conv2d, sparse_moe_conv2d_ref
-from moe_kernels._triton import common
+from moe_kernels._triton import tuning
 from moe_kernels.backends.errors import BackendUnavailable
 from moe_kernels.reference import sparse_moe_conv2d_backward_ref
 
@@ -48,9 +48,9 @@ def _compare(case: Case, expert_idx=None, needs=ALL_NEEDS, grad_layout=None, tol
 
 @pytest.fixture
 def tiny_blocks(monkeypatch):
-    """16x16x32 blocks and many weight-gradient chunks: many tiles per expert on small shapes."""
-    blocks = {"block_m": 16, "block_n": 16, "block_k": 32, "wgrad_programs": 64}
-    monkeypatch.setattr(common, "INTERPRETER_BLOCKS", blocks)
+    """16x16x32 blocks, 3 persistent programs and 8 weight-gradient chunks: many tiles per expert."""
+    blocks = {"block_m": 16, "block_n": 16, "block_k": 32, "programs": 3, "wgrad_chunks": 8, "channel_pad": 16}
+    monkeypatch.setattr(tuning, "INTERPRETER_CONFIG", blocks)
 
 
 EXTRA_CASES = {

@@ -129,11 +129,37 @@ def unavailable_reason(name: str) -> str | None:
     return None
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
+def auto_backend(
+    x: torch.Tensor, weight: torch.Tensor, num_experts: int, stride: tuple[int, int] = (1, 1)
+) -> tuple[str, str]:
+    """The backend ``backend="auto"`` picks for this call, and why.
+
+    On a GPU with the Triton backend present, Triton or the cuDNN path by the measurements in the
+    tuned table of this GPU (``moe_kernels.backends.triton.auto_choice``); otherwise the first present
+    backend of ``AUTO_ORDER[device.type]``.
+
+    Args:
+        x: (B, C_in, H, W); weight: (E*w, C_in, kh, kw); num_experts: E; stride: pair.
+
+    Returns:
+        (backend name, reason in words).
+    """
+    order = AUTO_ORDER.get(x.device.type, ("reference",))
+    present = tuple(c for c in order if is_available(c))
+    if x.device.type == "cuda" and "triton" in present:
+        from moe_kernels.backends import triton as triton_backend
+
+        return triton_backend.auto_choice(x, weight, num_experts, stride, present)
+    first = present[0] if present else "reference"
+    return first, f"first present backend of the {x.device.type} order {order}"
+
+
+def resolve_backend(name: str, device: torch.device, call: tuple | None = None) -> str:
     """Turns ``name`` (a backend or "auto") into a concrete backend that can run on ``device``.
 
     "auto" takes the first present backend of ``AUTO_ORDER[device.type]``; when it falls back to
-    the reference because a compiled backend is missing, it warns once with the how-to.
+    the reference because a compiled backend is missing, it warns once with the how-to. On a GPU,
+    with ``call = (x, weight, num_experts, stride)``, "auto" follows ``auto_backend``.
 
     Raises:
         ValueError: unknown backend, or a backend that does not run on this device.
@@ -141,6 +167,8 @@ def resolve_backend(name: str, device: torch.device) -> str:
     """
     if name == "auto":
         order = AUTO_ORDER.get(device.type, ("reference",))
+        if device.type == "cuda" and call is not None and is_available("triton"):
+            return auto_backend(*call)[0]
         for candidate in order:
             if is_available(candidate):
                 if candidate == "reference" and order[0] != "reference" and device.type not in _warned_fallback:

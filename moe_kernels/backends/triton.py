@@ -1,16 +1,16 @@
-"""The ``triton`` backend of ``sparse_moe_conv2d``: launchers of the kernels in ``moe_kernels._triton``.
+"""The ``triton`` backend of ``sparse_moe_conv2d``: entry points over the NHWC kernels in ``moe_kernels._triton``.
 
-Design: the B*k routing slots are sorted by expert; every GEMM row (an output pixel of a slot in the
-forward and the weight gradient, an input pixel in the input gradient) then belongs to one expert. The
-``RoutingPlan`` (shared by the layers of one routing) holds that order and, per geometry, the tile table
-(``moe_kernels._triton.schedule.build_tile_schedule``) that cuts each expert's rows into tiles padded only
-at expert boundaries. A program multiplies one tile by ONE expert's weight slice (implicit GEMM, im2col
-gathered on the fly from any strides), so the work scales with k / E. Neither the forward nor the backward
-synchronises with the
-host: the grid size is an upper bound of the tiles, spare tiles exit at once.
+Design (docs/triton.md): the B*k routing slots are sorted by expert (the ``RoutingPlan``, shared by the layers
+of one routing, or sorted here); every GEMM row (an output pixel of a slot in the forward and the weight
+gradient, an input pixel in the input gradient) then belongs to one expert, and the plan's tile table cuts
+each expert's rows into tiles padded only at expert boundaries. The forward and the input gradient are
+channels_last implicit GEMMs over that tile table on a persistent grid, with the epilogue (bias, gate,
+residual, ReLU, cast) fused into the store; the weight gradient is a per-expert reduction into fp32 partials
+plus one deterministic reduce. Nothing synchronises with the host. NCHW inputs are converted to channels_last
+once per call.
 
-Accumulation is fp32 (fp64 for fp64 inputs), results come back in the input dtype. The weight, bias
-and gate gradients are accumulated with atomics, so their last bits may vary between runs.
+Calls the kernels cannot serve (fp64 on a GPU, more than 2**31 - 1 GEMM rows) run on the reference backend
+after a one-time warning that names the reason.
 """
 
 from __future__ import annotations
@@ -20,22 +20,21 @@ import importlib
 import torch
 
 from moe_kernels.backends.errors import BackendUnavailable
-from moe_kernels.geometry import needed_grads, output_hw, output_memory_format
 from moe_kernels.plan import RoutingPlan
 
 Pair = tuple[int, int]
 
 
-_MAX_ROWS = 2**31 - 1
+def _reference():
+    from moe_kernels.reference import sparse_moe_conv2d_backward_ref, sparse_moe_conv2d_ref
+
+    return sparse_moe_conv2d_ref, sparse_moe_conv2d_backward_ref
 
 
-def _check_rows(num_slots: int, rows_per_slot: int) -> None:
-    """The kernels index GEMM rows with int32 (element offsets are int64): at most 2**31 - 1 rows."""
-    if num_slots * rows_per_slot > _MAX_ROWS:
-        raise ValueError(
-            f"backend 'triton': B*k*pixels = {num_slots * rows_per_slot} exceeds 2**31 - 1 GEMM rows; "
-            "split the batch or use backend='reference'"
-        )
+def _fallback_reason(x: torch.Tensor, expert_idx: torch.Tensor, pixels: int) -> str | None:
+    from moe_kernels._triton.launcher import unsupported_reason
+
+    return unsupported_reason(x, expert_idx.numel(), pixels)
 
 
 def forward(
@@ -55,28 +54,61 @@ def forward(
     Args:
         x: (B, C_in, H, W); weight: (E*w, C_in, kh, kw); expert_idx: (B, k) int64; num_experts: E;
         gate: (B, k) or None; bias: (E*w,) or None; stride, padding, dilation: int pairs.
-        plan: the ``RoutingPlan`` of expert_idx (its sorted slots and cached tile tables), or None to build one.
+        plan: the ``RoutingPlan`` of expert_idx (sorted slots, cached tile tables), or None to sort here.
 
     Returns:
         y: (B, k*w, H_out, W_out) in x's dtype, channels_last when x is.
     """
-    from moe_kernels._triton.common import dot_settings, gemm_blocks
-    from moe_kernels._triton.forward import launch_forward
+    return forward_fused(x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation, plan=plan)
 
-    batch, top_k = expert_idx.shape
-    width = weight.shape[0] // num_experts
-    h_out, w_out = output_hw(x, weight, stride, padding, dilation)
-    y = torch.empty(batch, top_k * width, h_out, w_out, dtype=x.dtype, device=x.device,
-                    memory_format=output_memory_format(x))  # fmt: skip
-    if y.numel() == 0:
-        return y
-    _check_rows(batch * top_k, h_out * w_out)
-    plan = plan if plan is not None else RoutingPlan.build(expert_idx, num_experts)
-    blocks = gemm_blocks(width, x.dtype, batch * top_k * h_out * w_out, x.device)
-    schedule = plan.tile_schedule(h_out * w_out, blocks.block_m)
-    launch_forward(x, weight, bias, gate, y, (plan.sample, plan.slot), schedule, width, stride, padding, dilation,
-                   dot_settings(x.dtype), blocks)  # fmt: skip
-    return y
+
+def forward_fused(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    expert_idx: torch.Tensor,
+    num_experts: int,
+    gate: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    stride: Pair,
+    padding: Pair,
+    dilation: Pair,
+    residual: torch.Tensor | None = None,
+    relu: bool = False,
+    grouped_out: bool = False,
+    plan: RoutingPlan | None = None,
+) -> torch.Tensor:
+    """Inference forward with the fused epilogue ``relu?(gate * (conv + bias) + residual)`` (no autograd).
+
+    Args:
+        x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation: as in ``forward``;
+            for folded BatchNorm pass the scaled weight and the folded bias.
+        residual: None or a tensor of the output's shape (any strides; grouped: (B*k*H_out*W_out, w)).
+        relu: fuse a ReLU after the residual add.
+        grouped_out: return (B*k*H_out*W_out, w) rows in expert-sorted slot order
+            (``moe_kernels._triton.launcher.sorted_slots``, the same order as ``RoutingPlan``) instead of
+            (B, k*w, H_out, W_out).
+        plan: the ``RoutingPlan`` of expert_idx, or None.
+
+    Returns:
+        The output in x's dtype (scattered: x's memory format).
+    """
+    from moe_kernels._triton.launcher import conv_forward, output_size
+
+    pixels = 1
+    for i in (0, 1):
+        pixels *= output_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i])
+    reason = _fallback_reason(x, expert_idx, pixels)
+    if reason is None:
+        return conv_forward(x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation,
+                            residual=residual, relu=relu, grouped_out=grouped_out, plan=plan)  # fmt: skip
+    from moe_kernels._triton.launcher import warn_fallback_once
+
+    warn_fallback_once(reason)
+    if grouped_out:
+        raise ValueError(f"grouped_out=True needs the Triton kernels, which cannot run this call: {reason}")
+    y = _reference()[0](x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation, plan=plan)
+    y = y + residual if residual is not None else y
+    return torch.relu(y) if relu else y
 
 
 def backward(
@@ -93,74 +125,46 @@ def backward(
     needs: tuple[bool, bool, bool, bool],
     plan: RoutingPlan | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
-    """Backward of the op on the Triton kernels.
+    """Backward of the op on the Triton kernels (weight, bias and gate gradients deterministic).
 
     Args:
         grad_out: (B, k*w, H_out, W_out) gradient of the output (any strides).
         x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation: as in ``forward``.
         needs: which of (x, weight, bias, gate) need a gradient.
-        plan: the ``RoutingPlan`` of expert_idx, or None to build one.
+        plan: the ``RoutingPlan`` of expert_idx, or None.
 
     Returns:
         (grad_x (B, C_in, H, W), grad_weight (E*w, C_in, kh, kw), grad_bias (E*w,), grad_gate (B, k)),
         None where not needed.
     """
-    import triton
+    from moe_kernels._triton.launcher import conv_backward, warn_fallback_once
 
-    from moe_kernels._triton.common import acc_torch_dtype, dot_settings, gemm_blocks, wgrad_blocks, wgrad_chunk
-    from moe_kernels._triton.dgrad import launch_dgrad
-    from moe_kernels._triton.wgrad import launch_wgrad
+    pixels = max(x.shape[2] * x.shape[3], grad_out.shape[2] * grad_out.shape[3])
+    reason = _fallback_reason(x, expert_idx, pixels)
+    if reason is None:
+        return conv_backward(grad_out, x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation,
+                             needs, plan=plan)  # fmt: skip
+    warn_fallback_once(reason)
+    return _reference()[1](grad_out, x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation, needs,
+                           plan=plan)  # fmt: skip
 
-    need_x, need_w, need_b, need_g = needed_grads(needs, bias, gate)
-    batch, top_k = expert_idx.shape
+
+def auto_choice(
+    x: torch.Tensor, weight: torch.Tensor, num_experts: int, stride: Pair, available: tuple[str, ...]
+) -> tuple[str, str]:
+    """Which GPU backend ``backend="auto"`` should use for this call, and why (see ``tuning.choose_backend``).
+
+    Args:
+        x: (B, C_in, H, W); weight: (E*w, C_in, kh, kw); num_experts: E; stride: pair;
+        available: present backends in the device's default order of preference.
+
+    Returns:
+        (backend name, reason in words).
+    """
+    from moe_kernels._triton.tuning import choose_backend
+
     width = weight.shape[0] // num_experts
-    c_in, height, wid = x.shape[1:]
-    acc_dtype = acc_torch_dtype(x.dtype)
-    dot = dot_settings(x.dtype)
-    grad_x = None
-    if need_x:  # with k = 1 the kernel writes every element of grad_x
-        alloc = torch.empty_like if top_k == 1 and batch > 0 else torch.zeros_like
-        grad_x = alloc(x, memory_format=torch.contiguous_format)
-    grad_w = torch.zeros(weight.shape[0], weight[0].numel(), dtype=acc_dtype, device=x.device) if need_w else None
-    grad_b = torch.zeros(weight.shape[0], dtype=acc_dtype, device=x.device) if need_b else None
-    grad_g = torch.zeros(batch * top_k, dtype=acc_dtype, device=x.device) if need_g else None
-    if batch * top_k > 0 and grad_out.numel() > 0 and x.numel() > 0:
-        grad_out = grad_out.to(x.dtype)
-        _check_rows(batch * top_k, max(height * wid, grad_out.shape[2] * grad_out.shape[3]))
-        plan = plan if plan is not None else RoutingPlan.build(expert_idx, num_experts)
-        if need_x or need_g:
-            blocks = gemm_blocks(c_in, x.dtype, batch * top_k * height * wid, x.device)
-            schedule = plan.tile_schedule(height * wid, blocks.block_m)
-            direct = top_k == 1
-            if not need_x:
-                gx_target = None
-            elif direct:
-                gx_target = grad_x
-            else:
-                gx_target = torch.empty(batch, top_k, c_in, height, wid, dtype=acc_dtype, device=x.device)
-            launch_dgrad(grad_out, weight, x, gate, gx_target, grad_g, (plan.sample, plan.slot), schedule, width, top_k,
-                         stride, padding, dilation, dot, blocks)  # fmt: skip
-            if need_x and not direct:
-                grad_x = gx_target.sum(1).to(x.dtype)
-        if need_w or need_b:
-            blocks = wgrad_blocks(width, x.dtype)
-            rows_per_slot = grad_out.shape[2] * grad_out.shape[3]
-            col_programs = triton.cdiv(width, blocks.block_n) * triton.cdiv(weight[0].numel(), blocks.block_k)
-            chunk = wgrad_chunk(batch * top_k * rows_per_slot, blocks.block_m, col_programs, x.device)
-            schedule = plan.tile_schedule(rows_per_slot, chunk)
-            launch_wgrad(grad_out, x, gate, grad_w, grad_b, (plan.sample, plan.slot), schedule, width, weight.shape[2:],
-                         stride, padding, dilation, dot, blocks)  # fmt: skip
-    if need_g and bias is not None:
-        # <g, bias> term of the gate gradient: sum over the slot's channels of bias * spatial sum of g.
-        gsum = grad_out.to(acc_dtype).sum((2, 3)).reshape(batch, top_k, width)
-        bias_sel = bias.to(acc_dtype).reshape(num_experts, width)[expert_idx]  # (B, k, w)
-        grad_g = grad_g + (gsum * bias_sel).sum(2).reshape(-1)
-    return (
-        grad_x,
-        grad_w.reshape(weight.shape).to(weight.dtype) if need_w else None,
-        grad_b.to(bias.dtype) if need_b else None,
-        grad_g.reshape(batch, top_k).to(gate.dtype) if need_g else None,
-    )
+    return choose_backend(x.dtype, x.shape[1], width, tuple(weight.shape[2:]), tuple(stride), x.device, available)
 
 
 def load():
@@ -182,7 +186,7 @@ def load():
             "the Triton backend needs a CUDA GPU (or TRITON_INTERPRET=1 to run its kernels on CPU, for tests only)"
         )
     try:
-        for name in ("forward", "dgrad", "wgrad"):
+        for name in ("forward_nhwc", "dgrad_nhwc", "wgrad_reduce", "launcher"):
             importlib.import_module(f"moe_kernels._triton.{name}")
     except Exception as err:  # a broken triton install fails at jit-decoration time
         raise BackendUnavailable(f"the Triton kernels could not be loaded: {type(err).__name__}: {err}") from None
