@@ -117,7 +117,8 @@ def load_research_checkpoint(
     in_channels = 3
     model = create_model(
         name, num_classes=num_classes, num_experts=num_experts, ratio=ratio, top_k=1, router="research",
-        in_channels=in_channels, normalize=normalize, backend=backend, router_norm=False, **extra,
+        in_channels=in_channels, normalize=normalize, backend=backend, router_norm=False,
+        gate_score="logits", **extra,
     )  # fmt: skip
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]

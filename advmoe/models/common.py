@@ -12,6 +12,7 @@ from torch import nn
 
 from advmoe.nn import PerLayerRouter, ResearchRouter, Router, SparseMoEConv2d
 from advmoe.nn.routers import ImageRouter
+from advmoe.nn.routing import GATE_SCORES
 
 ROUTERS = ("research", "per_layer", "image")
 
@@ -30,6 +31,8 @@ class ModelSpec:
         backend: the ``sparse_moe_conv2d`` backend of every MoE layer.
         router_norm: routers standardise their pooled features (``advmoe.nn.routers.RouterInputNorm``) so
             routing starts balanced; False gives the research code's router exactly (checkpoint import).
+        gate_score: what the straight-through gate's gradient flows into: "softmax" (default, bounded) or
+            "logits" (the research code's ``GetMask``, unbounded; the research recipe uses it).
     """
 
     num_experts: int | None = None
@@ -38,6 +41,7 @@ class ModelSpec:
     router: str = "research"
     backend: str = "auto"
     router_norm: bool = True
+    gate_score: str = "softmax"
 
     def __post_init__(self):
         if self.num_experts is not None and (
@@ -54,6 +58,8 @@ class ModelSpec:
             raise ValueError(f"router must be one of {ROUTERS}, got {self.router!r}")
         if not isinstance(self.router_norm, bool):
             raise ValueError(f"router_norm must be True or False, got {self.router_norm!r}")
+        if self.gate_score not in GATE_SCORES:
+            raise ValueError(f"gate_score must be one of {GATE_SCORES}, got {self.gate_score!r}")
 
     @property
     def moe(self) -> bool:
@@ -80,6 +86,7 @@ class ModelSpec:
             return SparseMoEConv2d(
                 in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
                 bias=bias, num_experts=self.num_experts, top_k=self.top_k, backend=self.backend,
+                gate_score=self.gate_score,
                 router=PerLayerRouter(in_channels, self.num_experts, input_norm=self.router_norm)
                 if self.router == "per_layer" else None,
             )  # fmt: skip

@@ -39,6 +39,7 @@ def create_model(
     normalize: tuple | None = None,
     backend: str = "auto",
     router_norm: bool = True,
+    gate_score: str = "softmax",
     **kwargs,
 ) -> nn.Module:
     """Builds a dense or MoE model of the zoo. Inputs are images in [0, 1].
@@ -78,12 +79,18 @@ def create_model(
         if any(len(seq) != in_channels for seq in normalize):
             raise ValueError(f"normalize mean and std need {in_channels} values (in_channels), got {normalize!r}")
     spec = ModelSpec(
-        num_experts=num_experts, ratio=ratio, top_k=top_k, router=router, backend=backend, router_norm=router_norm
+        num_experts=num_experts,
+        ratio=ratio,
+        top_k=top_k,
+        router=router,
+        backend=backend,
+        router_norm=router_norm,
+        gate_score=gate_score,
     )
     model = _MODELS[name](spec, num_classes=num_classes, in_channels=in_channels, normalize=normalize, **kwargs)
     model.config = {
         "name": name, "num_classes": num_classes, "num_experts": num_experts, "ratio": ratio, "top_k": top_k,
         "router": router, "in_channels": in_channels, "normalize": normalize, "backend": backend,
-        "router_norm": router_norm, **kwargs,
+        "router_norm": router_norm, "gate_score": gate_score, **kwargs,
     }  # fmt: skip
     return model

@@ -31,7 +31,7 @@ class VGG(RoutedModel):
         self, layout, batch_norm: bool, spec: ModelSpec, num_classes: int = 10, in_channels: int = 3,
         normalize=None, hidden: int = 256,
     ):  # fmt: skip
-        super().__init__(normalize, spec.model_router(in_channels), spec.top_k)
+        super().__init__(normalize, spec.model_router(in_channels), spec.top_k, spec.gate_score)
         layers: list[nn.Module] = []
         channels = in_channels
         first = True

@@ -19,9 +19,10 @@ from advmoe.nn.model_utils import (
 from advmoe.nn.moe_conv import SparseMoEConv2d
 from advmoe.nn.routed import Normalize, RoutedModel, RoutedSequential
 from advmoe.nn.routers import PerLayerRouter, ResearchRouter, Router
-from advmoe.nn.routing import Routing, load_balance_loss, top_k_routing
+from advmoe.nn.routing import GATE_SCORES, Routing, load_balance_loss, top_k_routing
 
 __all__ = [
+    "GATE_SCORES",
     "MoEAux",
     "Normalize",
     "PerLayerRouter",

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from advmoe.nn.routers import PerLayerRouter, Router
-from advmoe.nn.routing import Routing, top_k_routing
+from advmoe.nn.routing import GATE_SCORES, Routing, top_k_routing
 from moe_kernels import sparse_moe_conv2d
 from moe_kernels.backends import backend_uses_plan, resolve_backend
 from moe_kernels.plan import RoutingPlan
@@ -41,6 +41,9 @@ class SparseMoEConv2d(nn.Module):
         top_k: experts per sample, 1 <= top_k <= E.
         router: None (routing must be handed in), "per_layer" (a ``PerLayerRouter`` on the input), or a
             ``Router`` module mapping this layer's input to (B, E) scores.
+        gate_score: what the straight-through gate's gradient flows into when this layer's own router
+            routes: "softmax" (default; the gradient into each score is bounded, which keeps adversarial
+            training of per-layer routers finite) or "logits" (the research code's ``GetMask``).
         backend: the ``sparse_moe_conv2d`` backend ("auto", "reference", "cpu", "triton", "cuda").
 
     Attributes:
@@ -69,6 +72,7 @@ class SparseMoEConv2d(nn.Module):
         top_k: int = 1,
         router: None | str | Router = None,
         backend: str = "auto",
+        gate_score: str = "softmax",
     ):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
@@ -83,6 +87,9 @@ class SparseMoEConv2d(nn.Module):
             raise ValueError(f"groups must be 1 for SparseMoEConv2d, got {groups!r}")
         if padding_mode not in _PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
+        if gate_score not in GATE_SCORES:
+            raise ValueError(f"gate_score must be one of {GATE_SCORES}, got {gate_score!r}")
+        self.gate_score = gate_score
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
         for name, value, low in (("kernel_size", self.kernel_size, 1), ("stride", self.stride, 1)):
@@ -173,7 +180,7 @@ class SparseMoEConv2d(nn.Module):
                     "SparseMoEConv2d has no router: pass routing=Routing(...) from a model-level router, "
                     "construct it with router='per_layer', or use advmoe.nn.frozen_routing"
                 )
-            routing = top_k_routing(self.router(x), self.top_k)
+            routing = top_k_routing(self.router(x), self.top_k, score=self.gate_score)
             if self._record is not None:
                 self._record["router"] = routing
         if routing.expert_idx.shape != (batch, self.top_k):

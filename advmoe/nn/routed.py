@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from advmoe.nn.routers import Router
-from advmoe.nn.routing import Routing, top_k_routing
+from advmoe.nn.routing import GATE_SCORES, Routing, top_k_routing
 
 
 class Normalize(nn.Module):
@@ -54,11 +54,16 @@ class RoutedModel(nn.Module):
         normalize: a ``Normalize`` or None.
         router: a model-level ``Router`` or None (dense models and per-layer routing).
         top_k: experts per sample chosen from the model-level router.
+        gate_score: what the straight-through gate's gradient flows into ("softmax" or "logits"; see
+            ``advmoe.nn.top_k_routing``).
         config: the ``create_model`` arguments that rebuild this model (set by the registry).
     """
 
-    def __init__(self, normalize=None, router: Router | None = None, top_k: int = 1):
+    def __init__(self, normalize=None, router: Router | None = None, top_k: int = 1, gate_score: str = "softmax"):
         super().__init__()
+        if gate_score not in GATE_SCORES:
+            raise ValueError(f"gate_score must be one of {GATE_SCORES}, got {gate_score!r}")
+        self.gate_score = gate_score
         self.normalize = Normalize(*normalize) if normalize is not None else None
         self.router = router
         self.top_k = top_k
@@ -87,7 +92,7 @@ class RoutedModel(nn.Module):
         """The model-level routing for normalised x, or None (no router, or routing frozen)."""
         if self.router is None or self.routing_frozen:
             return None
-        routing = top_k_routing(self.router(x), self.top_k)
+        routing = top_k_routing(self.router(x), self.top_k, score=self.gate_score)
         if self._record is not None:
             self._record["router"] = routing
         return routing

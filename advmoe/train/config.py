@@ -55,6 +55,7 @@ __all__ = [
 STRATEGIES = ("pgd_at", "trades", "moe_at", "advmoe")
 ROUTERS = ("research", "per_layer", "image")  # advmoe.models.common.ROUTERS (not imported: keeps this module light)
 BALANCE_LOSSES = ("entropy", "switch")  # advmoe.nn.routing.BALANCE_LOSSES
+GATE_SCORES = ("softmax", "logits")  # advmoe.nn.routing.GATE_SCORES
 _DEFAULT_LOSS = {"pgd_at": "ce", "trades": "trades", "moe_at": "ce", "advmoe": "ce"}
 
 
@@ -76,6 +77,8 @@ class ModelConfig:
             router on the image; both drive every MoE layer) or ``per_layer``.
         router_norm: routers standardise their pooled features so routing starts balanced (default true);
             false is the research code's router architecture exactly.
+        gate_score: what the straight-through gate's gradient flows into: ``softmax`` (default; bounded, keeps
+            MoE adversarial training finite) or ``logits`` (the research code's ``GetMask``; the research recipe).
         normalize: ``dataset`` (the dataset's mean/std from ``advmoe.data.dataset_info``), None (no
             normalisation), or ``[mean, std]`` lists; applied inside the model (inputs stay in [0, 1]).
         backend: sparse-op backend (``auto`` picks the fastest available).
@@ -88,6 +91,7 @@ class ModelConfig:
     top_k: int = 1
     router: str = "research"
     router_norm: bool = True
+    gate_score: str = "softmax"
     normalize: str | list | None = "dataset"
     backend: str = "auto"
     kwargs: dict = field(default_factory=dict)
@@ -96,6 +100,7 @@ class ModelConfig:
         _check_choice("model.router", self.router, ROUTERS)
         if not isinstance(self.router_norm, bool):
             raise ValueError(f"model.router_norm must be true or false, got {self.router_norm!r}")
+        _check_choice("model.gate_score", self.gate_score, GATE_SCORES)
         if isinstance(self.normalize, str) and self.normalize != "dataset":
             raise ValueError(f"model.normalize must be 'dataset', None or [mean, std], got {self.normalize!r}")
 

@@ -62,6 +62,7 @@ def build_model(cfg: ExperimentConfig) -> tuple[nn.Module, dict[str, Any]]:
         "top_k": m.top_k,
         "router": m.router,
         "router_norm": m.router_norm,
+        "gate_score": m.gate_score,
         "in_channels": int(info.in_channels),
         "normalize": None if normalize is None else [[float(v) for v in part] for part in normalize],
         "backend": m.backend,
