@@ -23,6 +23,7 @@ from advmoe.deploy.fold import find_conv_bn_pairs, fold_bn
 from advmoe.deploy.graphs import check_static_input
 from advmoe.models import create_model, list_models
 from advmoe.nn import SparseMoEConv2d, moe_layers
+from advmoe.nn.routers import RouterInputNorm
 
 NORM = ([0.4, 0.5, 0.6], [0.2, 0.25, 0.3])
 # Ratios that keep every registry model small enough for a CPU test while keeping its structure.
@@ -45,6 +46,11 @@ def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
             m.running_var.copy_(0.5 + torch.rand(n, generator=g))
             m.weight.data.copy_(0.5 + torch.rand(n, generator=g))
             m.bias.data.copy_(0.1 * torch.randn(n, generator=g))
+        if isinstance(m, RouterInputNorm):  # as after training: fixed statistics, batch-independent outputs
+            n = m.running_mean.numel()
+            m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+            m.num_batches_tracked.fill_(1)
     return model.eval()
 
 
@@ -178,7 +184,9 @@ def _research_format(model: nn.Module) -> dict:
 
 
 def test_to_sparse_research_checkpoint(tmp_path):
-    source = _moe("resnet18_cifar", ratio=0.125, normalize=([0.49, 0.48, 0.45], [0.25, 0.24, 0.26]))
+    source = _moe(
+        "resnet18_cifar", ratio=0.125, normalize=([0.49, 0.48, 0.45], [0.25, 0.24, 0.26]), router_norm=False
+    )  # the research code's router has no input norm
     x = _images(4)
     balance_router(source, x)
     path = tmp_path / "research.pth"
@@ -409,7 +417,9 @@ def test_sync_free_capture_forms_match_eager_forms():
 def test_convert_checkpoint_reports_mode_reason_and_near_ties(tmp_path):
     from advmoe.cli_deploy import convert_checkpoint
 
-    source = _moe("resnet18_cifar", ratio=0.125, normalize=([0.49, 0.48, 0.45], [0.25, 0.24, 0.26]))
+    source = _moe(
+        "resnet18_cifar", ratio=0.125, normalize=([0.49, 0.48, 0.45], [0.25, 0.24, 0.26]), router_norm=False
+    )  # the research code's router has no input norm
     balance_router(source, _images(8, seed=0))
     torch.save(_research_format(source), tmp_path / "research.pth")
     path = str(tmp_path / "research.pth")

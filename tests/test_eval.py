@@ -309,7 +309,8 @@ def brightness_moe(expert_logits, router):
 
     ``expert_logits``: [[a0 (2,), b0 (2,)], [a1, b1]] per expert. Logits = spatial mean of the layer output.
     """
-    moe = SparseMoEConv2d(1, 2, 1, num_experts=2, top_k=1, router=router, backend="reference")
+    # the research code's raw-logit gate: its steep router term is what masks plain PGD's gradient below
+    moe = SparseMoEConv2d(1, 2, 1, num_experts=2, top_k=1, router=router, backend="reference", gate_score="logits")
     with torch.no_grad():
         moe.weight.copy_(SCALE * torch.tensor([a for a, _ in expert_logits]).view(4, 1, 1, 1))
         moe.bias.copy_(SCALE * torch.tensor([b for _, b in expert_logits]).view(4))

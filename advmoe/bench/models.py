@@ -27,6 +27,7 @@ from torch import nn
 
 from advmoe.bench.masked import to_masked
 from advmoe.bench.timing import device_description, device_slug, time_interleaved
+from advmoe.nn.routers import calibrate_router_norms
 
 CIFAR_MODELS = ("resnet18_cifar", "wrn_28_10_cifar", "vgg16_bn", "densenet_cifar")
 IMAGENET_MODELS = ("resnet18_imagenet", "resnet50_imagenet")
@@ -71,6 +72,7 @@ def balance_router(model: nn.Module, x: torch.Tensor) -> None:
     if router is None or x.shape[0] < 2 or not hasattr(router, "fc"):
         return
     xn = model.normalize(x) if getattr(model, "normalize", None) is not None else x
+    calibrate_router_norms(router, xn)
     scores = router(xn).double()
     half = x.shape[0] // 2
     for e in range(1, scores.shape[1]):
@@ -100,6 +102,7 @@ def balance_per_layer_routers(model: nn.Module, x: torch.Tensor) -> None:
     """
     from advmoe.nn import PerLayerRouter
 
+    calibrate_router_norms(model, x)
     handles = []
 
     def calibrate(router, inputs):

@@ -35,7 +35,10 @@ class FusedResearchRouter(ResearchRouter):
                 y = F.conv2d(y, c2.weight, c2.bias, c2.stride, c2.padding)
                 shortcut = F.pad(out[:, :, ::2, ::2], (0, 0, 0, 0, *block.channel_pad)) if block.pad_shortcut else out
                 out = y.add_(shortcut).relu_()
-        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+        pooled = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        if self.input_norm is not None:
+            pooled = self.input_norm(pooled)
+        return self.fc(pooled)
 
 
 @torch.no_grad()

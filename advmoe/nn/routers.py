@@ -82,6 +82,39 @@ class RouterInputNorm(nn.Module):
         return f"{self.running_mean.numel()}, eps={self.eps}, momentum={self.momentum}"
 
 
+@torch.no_grad()
+def calibrate_router_norms(model: nn.Module, x: torch.Tensor) -> int:
+    """Sets every ``RouterInputNorm`` of ``model`` to the statistics of one forward pass of ``x``.
+
+    A freshly built model's norms have never seen data, so in eval mode they standardise with each batch's
+    own statistics, which makes an untrained model's routing depend on the batch it is in. Calibrated
+    norms use fixed running statistics: the model's outputs no longer depend on the batch (what deployment,
+    export and benchmarks of untrained models need). Training sets them anyway; only the norms change here
+    (other modules keep their mode and state).
+
+    Args:
+        model: a model or router containing ``RouterInputNorm`` modules.
+        x: (B, C, H, W) inputs of ``model`` with B >= 2.
+
+    Returns:
+        The number of norms calibrated (0 when there are none or B < 2).
+    """
+    norms = [m for m in model.modules() if isinstance(m, RouterInputNorm)]
+    if not norms or x.shape[0] < 2:
+        return 0
+    saved = [(m, m.training, m.momentum) for m in norms]
+    try:
+        for m in norms:
+            m.train()
+            m.momentum = 1.0  # running estimates := this batch's statistics
+        model(x)
+    finally:
+        for m, training, momentum in saved:
+            m.train(training)
+            m.momentum = momentum
+    return len(norms)
+
+
 class _RouterBlock(nn.Module):
     """ResNet-20 basic block with the parameter-free "option A" shortcut (subsample + zero-pad channels).
 

@@ -39,7 +39,7 @@ for path in (HERE, ROOT):  # the study's helper modules; the package from a chec
 import torch  # noqa: E402
 from study_config import load_study, select_arms  # noqa: E402
 from study_plots import plot_ra_vs_flops, plot_routing_robustness  # noqa: E402
-from study_run import run_one  # noqa: E402
+from study_run import run_fingerprint, run_one  # noqa: E402
 from study_stats import compare, holm  # noqa: E402
 from study_tables import write_expert_usage, write_table  # noqa: E402
 
@@ -183,8 +183,7 @@ def collect(study, arms, seeds, work_dir) -> list[dict[str, Any]]:
             if not path.is_file():
                 continue
             record = json.loads(path.read_text())
-            fingerprint = {"config": arm_config(study, arm, seed).to_dict(), "eval": study["eval"]}
-            if record.get("fingerprint") == fingerprint:
+            if record.get("fingerprint") == run_fingerprint(arm_config(study, arm, seed), study["eval"]):
                 records.append(record)
     return records
 

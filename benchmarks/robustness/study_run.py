@@ -22,7 +22,21 @@ from torch import nn
 from advmoe.eval import EVALUATION_VERSION
 from advmoe.train.config import ExperimentConfig
 
-__all__ = ["domain_agreement", "evaluate_run", "research_pgd", "run_one", "select_epoch", "train_by_epoch"]
+__all__ = [
+    "domain_agreement",
+    "evaluate_run",
+    "research_pgd",
+    "run_fingerprint",
+    "run_one",
+    "select_epoch",
+    "train_by_epoch",
+]
+
+
+def run_fingerprint(cfg: ExperimentConfig, ev: dict[str, Any]) -> dict[str, Any]:
+    """What a finished run's result depends on: its training config, the study's eval section, and the
+    version of ``advmoe.eval`` (results of an older evaluation are never reused)."""
+    return {"config": cfg.to_dict(), "eval": ev, "evaluation_version": EVALUATION_VERSION}
 
 
 def _steps_per_epoch(cfg: ExperimentConfig) -> int:
@@ -253,7 +267,7 @@ def run_one(study: dict[str, Any], arm: str, seed: int, work_dir: Path, fresh: b
     ev = study["eval"]
     run_dir = Path(work_dir) / f"{arm}_seed{seed}"
     result_path = run_dir / "result.json"
-    fingerprint = {"config": cfg.to_dict(), "eval": ev, "evaluation_version": EVALUATION_VERSION}
+    fingerprint = run_fingerprint(cfg, ev)
     if result_path.is_file() and not fresh:
         record = json.loads(result_path.read_text())
         if record.get("fingerprint") == fingerprint:
