@@ -21,7 +21,6 @@ _ZERO_COST_OPS = (
     "aten::ones_like", "aten::rsub", "aten::lt", "aten::le", "aten::ne", "aten::expand_as", "aten::clone",
     "aten::max_pool2d", "aten::dropout_", "aten::feature_dropout", "aten::alias", "aten::lift_fresh",
     "aten::bincount", "aten::numel", "aten::dim", "aten::pad",
-    "aten::scatter_add_", "aten::cumsum",  # the routing plan's bookkeeping (moe_kernels.RoutingPlan)
 )  # fmt: skip
 # Elementwise arithmetic fvcore does not price by default; counted as one FLOP per output element
 # only when ``count_elementwise=True`` (fvcore's own convention leaves them out).
