@@ -12,7 +12,9 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "SA" in printed and "RA" in printed and "deployed (pathway mode)" in printed
+    # mode="auto" picks pathway or grouped by timing them on this machine
+    assert "SA" in printed and "RA" in printed
+    assert "deployed (pathway mode)" in printed or "deployed (grouped mode)" in printed
     assert "expert usage of the MoE model per layer" in printed and "AutoAttack fast (2 iterations" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["sa_ra"]) == {"advmoe", "dense_at"}
@@ -27,9 +29,11 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     for label in ("advmoe", "dense_at"):
         assert 0.0 <= aa[label]["ra"] <= aa[label]["sa"] <= 1.0
     deploy = summary["deploy"]
-    assert deploy["mode"] == "pathway" and deploy["max_abs_diff"] < 1e-3 and deploy["prediction_agreement"] == 1.0
+    assert deploy["mode"] in ("pathway", "grouped")
+    assert deploy["max_abs_diff"] < 1e-3 and deploy["prediction_agreement"] == 1.0
     costs = summary["costs"]
-    assert set(costs["flops_g"]) == {"dense", "masked", "sparse", "deployed", "ideal"}
+    assert set(costs["flops_g"]) == {"dense", "masked", "sparse", "deployed", "ideal", "router"}
+    assert "BatchNorm folded" in costs["treatment"]  # like-for-like: every side gets the same treatment
     assert costs["flops_g"]["deployed"] <= costs["flops_g"]["sparse"] < costs["flops_g"]["masked"]
     assert costs["flops_g"]["deployed"] < 0.5 * costs["flops_g"]["dense"]  # the cheap image router: the MoE is cheaper
     assert all(set(v) == {"1", "4"} or set(v) == {1, 4} for v in costs["latency_ms"].values())
