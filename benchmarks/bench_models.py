@@ -2,7 +2,7 @@
 
 Thin script over ``advmoe.bench.models`` (same as ``advmoe bench``); see ``--help``. Examples::
 
-    python benchmarks/bench_models.py                                  # CPU, the six README models, B=1,16,64
+    python benchmarks/bench_models.py                                  # CPU, docs/deployment.md's six models, B=1,16,64
     python benchmarks/bench_models.py --device cuda --dtype bf16       # + B=256
     python benchmarks/bench_models.py --quick                          # tiny CI run
 

@@ -1,5 +1,5 @@
 """Bad input to sparse_moe_conv2d raises a clear TypeError/ValueError naming the argument, on every
-CPU-testable backend (DESIGN.md section 3); the compiled ops raise RuntimeError when called directly."""
+CPU-testable backend (docs/op.md, "Contract"); the compiled ops raise RuntimeError when called directly."""
 
 import pytest
 import torch

@@ -382,7 +382,7 @@ def run_benchmark(
     """Runs the model benchmark and returns the results (the dict written to ``models_bench.json``).
 
     Args:
-        models: zoo names; default the six of the README (``DEFAULT_MODELS``), ``QUICK_MODELS`` if quick.
+        models: zoo names; default the six of docs/deployment.md (``DEFAULT_MODELS``), ``QUICK_MODELS`` if quick.
         batches: batch sizes; default 1, 16, 64 (+256 on GPU); (1, 4) if quick.
         device: "cpu" or "cuda[:i]".
         dtype: "fp32", "bf16" or "fp16".

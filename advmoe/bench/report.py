@@ -15,7 +15,7 @@ def _variant_key(name: str) -> tuple[int, str]:
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    """The README table: per model, FLOPs per image and latency per batch size with ratios.
+    """The model table (docs/deployment.md): per model, FLOPs per image and latency per batch size with ratios.
 
     Args:
         results: the dict written to ``models_bench.json`` (see ``advmoe.bench.models.run_benchmark``).

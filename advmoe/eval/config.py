@@ -21,7 +21,7 @@ class EvalConfig:
 
     Defaults follow the threat model of the paper and its research code (L-inf, eps 8/255 on [0, 1]
     images, PGD step 2/255 as its ``--step-size-test``) but with the stronger budget that an honest
-    evaluation of hard-gated models needs (DESIGN.md section 5): CE and CW-margin PGD-50 with 2 restarts
+    evaluation of hard-gated models needs (docs/evaluation.md): CE and CW-margin PGD-50 with 2 restarts
     and AutoAttack, instead of the research code's 10-step PGD with a router term.
 
     Attributes:

@@ -63,7 +63,7 @@ _BACKENDS: dict[str, Backend] = {
 }
 
 # Order of preference of backend="auto" per device type, fastest first, as measured by
-# benchmarks/bench_op.py (see the README's backend table). The first present one wins.
+# benchmarks/bench_op.py (see the backend table in docs/op.md). The first present one wins.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cpu": ("cpu", "reference"),
     "cuda": ("cuda", "triton", "reference"),
