@@ -11,8 +11,8 @@ Examples::
     advmoe convert research_r18.pth --arch resnet18_cifar --num-experts 2 --ratio 0.5 --out r18_deployed.pt
     advmoe bench --models resnet18_cifar --batch 1 16 64
 
-Each subcommand module has ``add_parser(subparsers)`` (its options; shared ones come from
-:mod:`advmoe.cli.options`) and ``run(args) -> int`` (turns the parsed arguments into a library call).
+Each subcommand module has ``HELP`` and ``DESCRIPTION``, ``add_arguments(parser)`` (its options; shared ones
+come from :mod:`advmoe.cli.options`) and ``run(args) -> int`` (turns the parsed arguments into a library call).
 Errors a user can fix (bad config keys, missing files, unsafe checkpoints, non-finite losses) print one
 message and exit with status 2 (bad input) or 1 (the run failed), without a traceback.
 """
@@ -26,15 +26,17 @@ from advmoe.cli import bench, convert, demo, eval, train
 
 __all__ = ["build_parser", "main"]
 
-SUBCOMMANDS = (train, eval, convert, bench, demo)
+SUBCOMMANDS = {"train": train, "eval": eval, "convert": convert, "bench": bench, "demo": demo}
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``advmoe`` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="advmoe", description="Robust, genuinely sparse MoE-CNNs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,...}")
-    for module in SUBCOMMANDS:
-        module.add_parser(sub)
+    for name, module in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=module.HELP, description=module.DESCRIPTION)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
     return parser
 
 

@@ -8,16 +8,15 @@ from pathlib import Path
 
 from advmoe.cli.options import command_line
 
-__all__ = ["add_parser", "run"]
+__all__ = ["DESCRIPTION", "HELP", "add_arguments", "run"]
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    """Adds ``bench`` to the ``advmoe`` subparsers."""
-    p = sub.add_parser(
-        "bench",
-        help="FLOPs and latency: dense vs masked (research) vs sparse vs deployed vs ideal slim",
-        description="Model benchmark; writes models_bench.{json,md,png} to benchmarks/results/<device>/ (or --out).",
-    )
+HELP = "FLOPs and latency: dense vs masked (research) vs sparse vs deployed vs ideal slim"
+DESCRIPTION = "Model benchmark; writes models_bench.{json,md,png} to benchmarks/results/<device>/ (or --out)."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``advmoe bench`` options."""
     p.add_argument("--models", nargs="+", help="zoo names (default: the six README models)")
     p.add_argument("--batch", nargs="+", type=int, help="batch sizes (default 1 16 64, +256 on GPU)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -51,7 +50,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", help="output folder (default benchmarks/results/<device-slug>)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,17 +10,18 @@ import torch
 from advmoe.checkpoint import ResearchSpec
 from advmoe.cli.options import add_research_arguments, research_spec
 
-__all__ = ["add_parser", "convert_checkpoint", "run"]
+__all__ = ["DESCRIPTION", "HELP", "add_arguments", "convert_checkpoint", "example_input", "run"]
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    """Adds ``convert`` to the ``advmoe`` subparsers."""
-    p = sub.add_parser(
-        "convert",
-        help="convert a trained checkpoint into the sparse deployed model (BN folded, only active channels)",
-        description="Convert an `advmoe train` checkpoint, or a research-code checkpoint (with --arch), into a "
-        "deployed model; checks that its logits match the source model's.",
-    )
+HELP = "convert a trained checkpoint into the sparse deployed model (BN folded, only active channels)"
+DESCRIPTION = (
+    "Convert an `advmoe train` checkpoint, or a research-code checkpoint (with --arch), into a "
+    "deployed model; checks that its logits match the source model's."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``advmoe convert`` options."""
     p.add_argument("checkpoint", help="checkpoint of `advmoe train`, or of the research code (needs --arch)")
     p.add_argument("--out", required=True, help="deployed model file to write (load with advmoe.deploy.load_deployed)")
     p.add_argument(
@@ -32,7 +33,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--export", help="also write a torch.export program (.pt2) with a dynamic batch dimension")
     add_research_arguments(p)
     p.add_argument("--image-size", type=int, help="input size for the logits check (default 32; 64 for ImageNet)")
-    p.set_defaults(func=run)
 
 
 def example_input(model: torch.nn.Module, batch: int, image_size: int | None = None, seed: int | None = None):

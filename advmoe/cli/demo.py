@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_parser", "run"]
+__all__ = ["DESCRIPTION", "HELP", "add_arguments", "run"]
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    """Adds ``demo`` to the ``advmoe`` subparsers."""
-    p = sub.add_parser(
-        "demo",
-        help="train a small MoE-CNN with AdvMoE on digits (+ dense AT), convert, measure (a few minutes)",
-        description="The main job on the embedded digits data: AdvMoE and dense PGD-AT training, SA/RA, "
-        "conversion to the sparse deployed model, logits check, FLOPs/latency table, plots.",
-    )
+HELP = "train a small MoE-CNN with AdvMoE on digits (+ dense AT), convert, measure (a few minutes)"
+DESCRIPTION = (
+    "The main job on the embedded digits data: AdvMoE and dense PGD-AT training, SA/RA, "
+    "conversion to the sparse deployed model, logits check, FLOPs/latency table, plots."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``advmoe demo`` options."""
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--epochs", type=int, default=6, help="training epochs of each model (default 6)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
@@ -36,7 +37,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--aa-samples", type=int, default=360, help="test samples for AutoAttack (default 360)")
     p.add_argument("--quick", action="store_true", help="CI mode: a few training steps, tiny evaluation (< 60 s)")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,17 +8,18 @@ from pathlib import Path
 
 from advmoe.cli.options import add_research_arguments, research_spec
 
-__all__ = ["add_parser", "run"]
+__all__ = ["DESCRIPTION", "HELP", "add_arguments", "run"]
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    """Adds ``eval`` to the ``advmoe`` subparsers."""
-    p = sub.add_parser(
-        "eval",
-        help="evaluate a checkpoint: SA, RA (PGD, AutoAttack), routing robustness, expert usage",
-        description="Evaluate a checkpoint with advmoe.eval.evaluate; trailing key=value arguments set EvalConfig "
-        "fields (e.g. max_samples=500 pgd_steps=20 attacks=[pgd_ce,pgd_cw]).",
-    )
+HELP = "evaluate a checkpoint: SA, RA (PGD, AutoAttack), routing robustness, expert usage"
+DESCRIPTION = (
+    "Evaluate a checkpoint with advmoe.eval.evaluate; trailing key=value arguments set EvalConfig "
+    "fields (e.g. max_samples=500 pgd_steps=20 attacks=[pgd_ce,pgd_cw])."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``advmoe eval`` options."""
     p.add_argument("checkpoint", help="checkpoint from `advmoe train` (or a research-code checkpoint with --arch)")
     p.add_argument("--config", help="YAML file holding an EvalConfig mapping (or a full config with an eval section)")
     p.add_argument("--data", help="dataset name (default: the checkpoint's training dataset)")
@@ -28,7 +29,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     add_research_arguments(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="EvalConfig overrides")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

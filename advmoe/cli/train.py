@@ -5,16 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-__all__ = ["add_parser", "run"]
+__all__ = ["DESCRIPTION", "HELP", "add_arguments", "run"]
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    """Adds ``train`` to the ``advmoe`` subparsers."""
-    p = sub.add_parser(
-        "train",
-        help="adversarially train a model (PGD-AT, TRADES, MoE-AT, AdvMoE)",
-        description="Train from a YAML config; trailing section.key=value arguments override config values.",
-    )
+HELP = "adversarially train a model (PGD-AT, TRADES, MoE-AT, AdvMoE)"
+DESCRIPTION = "Train from a YAML config; trailing section.key=value arguments override config values."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``advmoe train`` options."""
     p.add_argument("--config", help="YAML config file (default: built-in defaults)")
     p.add_argument("--out", help="run directory (default: runs/<config file stem>)")
     p.add_argument(
@@ -27,7 +26,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", help="cpu, cuda, cuda:1 or auto (same as device=...)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. train.epochs=5")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
