@@ -180,7 +180,18 @@ def run_demo(
         autoattack: AutoAttack version of the final RA, ``"fast"`` or ``"standard"``.
         aa_samples: test samples for AutoAttack.
         quick: CI mode: a few training steps, tiny evaluation.
+
+    Raises:
+        ValueError: an argument out of range (checked before any work; the message names it).
     """
+    if router not in ("image", "per_layer", "research"):
+        raise ValueError(f"router must be 'image', 'per_layer' or 'research', got {router!r}")
+    if autoattack not in ("fast", "standard"):
+        raise ValueError(f"autoattack must be 'fast' or 'standard', got {autoattack!r}")
+    sizes = [("latency_batches", b) for b in latency_batches or ()]
+    for name, value in [("epochs", epochs), ("aa_samples", aa_samples), *sizes]:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     from advmoe.bench.costs import cost_table
     from advmoe.bench.timing import device_description
     from advmoe.checkpoint import load_model
