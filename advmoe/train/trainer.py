@@ -42,7 +42,8 @@ from advmoe.train.monitor import RunLog, evaluate_sa_ra
 from advmoe.train.schedule import build_optimizer, lr_at, set_lr
 from advmoe.train.strategies import Strategy, expert_row_parameters, optimizer_groups
 
-__all__ = ["CHECKPOINT_FORMAT", "build_model", "load_trained_model", "train"]  # CHECKPOINT_FORMAT, load_trained_model: advmoe.checkpoint
+# CHECKPOINT_FORMAT and load_trained_model live in advmoe.checkpoint (re-exported for the documented imports)
+__all__ = ["CHECKPOINT_FORMAT", "build_model", "load_trained_model", "train"]
 
 
 def build_model(cfg: ExperimentConfig) -> tuple[nn.Module, dict[str, Any]]:
