@@ -1,4 +1,7 @@
-"""Safe, fault-tolerant checkpoint I/O.
+"""Checkpoints: the training checkpoint format, the one model loader, and safe, fault-tolerant I/O.
+
+:func:`load_model` rebuilds a model from an ``advmoe train`` checkpoint (format :data:`CHECKPOINT_FORMAT`)
+or, given :class:`ResearchSpec`, from a checkpoint of the public research code; the file is read once.
 
 Guarantees:
 
@@ -24,6 +27,7 @@ import random
 import shutil
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +35,23 @@ import numpy as np
 import torch
 
 __all__ = [
+    "CHECKPOINT_FORMAT",
+    "ResearchSpec",
     "UnsafeCheckpointError",
     "capture_rng_state",
     "check_checkpoint_tree",
     "check_output_dir",
     "load_checkpoint",
+    "load_model",
+    "load_trained_model",
     "restore_rng_state",
     "save_checkpoint",
 ]
 
 _SCALARS = (bool, int, float, str, type(None))
+
+CHECKPOINT_FORMAT = "advmoe.train/1"
+"""The ``format`` entry of every checkpoint ``advmoe train`` writes (``last.pt``, ``best_ra.pt``)."""
 
 
 class UnsafeCheckpointError(ValueError):
@@ -155,6 +166,86 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
     if not isinstance(obj, dict):
         raise UnsafeCheckpointError(f"{str(path)!r} holds a {type(obj).__name__}, expected a dict")
     return obj
+
+
+@dataclass(frozen=True)
+class ResearchSpec:
+    """How to rebuild a research-code checkpoint, which does not record its architecture.
+
+    Attributes:
+        arch: our model name or the research name, e.g. ``resnet18_cifar`` or ``resnet18_cifar_moe``.
+        num_experts: E (None or 1 for the research dense ``_ori`` models).
+        ratio: the width ratio it was trained with.
+        num_classes: classifier outputs.
+    """
+
+    arch: str
+    num_experts: int | None = 2
+    ratio: float = 0.5
+    num_classes: int = 10
+
+
+def is_research_checkpoint(ckpt: Mapping[str, Any]) -> bool:
+    """Whether a loaded dict has the research code's layout ``{"state_dict", "router", ...}``."""
+    return "state_dict" in ckpt and "router" in ckpt
+
+
+def load_model(
+    path: str | os.PathLike | Mapping[str, Any],
+    research: ResearchSpec | Mapping[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild a model (eval mode) from a checkpoint, reading the file once (``weights_only=True``).
+
+    An ``advmoe train`` checkpoint (``format == CHECKPOINT_FORMAT``) records its model arguments and is
+    rebuilt from them (``research`` is then not needed and not used). Any other file is read as a
+    research-code checkpoint (or a bare state dict of one), which needs ``research``.
+
+    Args:
+        path: checkpoint file, or the dict :func:`load_checkpoint` returned for it.
+        research: how to rebuild a research-code checkpoint (a :class:`ResearchSpec` or a dict of its
+            fields); None for our own checkpoints.
+        device: where to put the model.
+
+    Returns:
+        (model in eval mode, the loaded checkpoint dict). For our checkpoints the dict holds ``model_args``,
+        ``config`` (the run's resolved config, e.g. ``config["data"]``), ``state``, ...
+
+    Raises:
+        FileNotFoundError / UnsafeCheckpointError: see :func:`load_checkpoint`.
+        ValueError: a research-code checkpoint without ``research``, a file that is neither kind, or
+            weights that do not fit the described architecture.
+    """
+    ckpt = dict(path) if isinstance(path, Mapping) else load_checkpoint(path)
+    where = "the checkpoint" if isinstance(path, Mapping) else repr(str(path))
+    if ckpt.get("format") == CHECKPOINT_FORMAT:
+        from advmoe.models import create_model
+
+        model = create_model(**ckpt["model_args"])
+        model.load_state_dict(ckpt["model"])
+    elif research is not None:
+        from advmoe.deploy.research_checkpoint import load_research_checkpoint
+
+        spec = research if isinstance(research, ResearchSpec) else ResearchSpec(**research)
+        model = load_research_checkpoint(ckpt, spec.arch, spec.num_experts, spec.ratio, spec.num_classes)
+    elif is_research_checkpoint(ckpt):
+        raise ValueError(
+            f"{where} is a research-code checkpoint: say which architecture it is (research=ResearchSpec(arch=...); "
+            "on the command line --arch, and --num-experts/--ratio/--num-classes)"
+        )
+    else:
+        raise ValueError(
+            f"{where} is neither an `advmoe train` checkpoint (format {ckpt.get('format')!r}, expected "
+            f"{CHECKPOINT_FORMAT!r}) nor a research-code checkpoint"
+        )
+    return model.to(device).eval(), ckpt
+
+
+def load_trained_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """:func:`load_model` for an ``advmoe train`` checkpoint (the name the docs use); returns (model, checkpoint)."""
+    return load_model(path, device=device)
 
 
 def check_output_dir(path: str | os.PathLike, min_free_mb: float = 100.0) -> Path:

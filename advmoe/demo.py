@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import time
@@ -53,31 +52,6 @@ def _config_dict(
     return {"seed": seed, "device": device, "model": model, "data": data, "train": train}
 
 
-def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``advmoe demo`` options."""
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--epochs", type=int, default=6, help="training epochs of each model (default 6)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
-    p.add_argument("--seed", type=int, default=1234, help="random seed (default 1234)")
-    p.add_argument(
-        "--router",
-        default="image",
-        choices=("image", "per_layer", "research"),
-        help="MoE routing (default image: one cheap two-conv router on the image drives every layer, so each "
-        "sample keeps one pathway; per_layer: a GAP+linear router per layer, which learns far more slowly when "
-        "balanced; research: the research code's ResNet-20 router, which alone costs more than the model)",
-    )
-    p.add_argument("--batches", nargs="+", type=int, help="latency batch sizes (default 1 64; quick: 1 4)")
-    p.add_argument(
-        "--autoattack",
-        default="fast",
-        choices=("fast", "standard"),
-        help="AutoAttack version for the final RA of both models (default fast; quick: 2 iterations)",
-    )
-    p.add_argument("--aa-samples", type=int, default=360, help="test samples for AutoAttack (default 360)")
-    p.add_argument("--quick", action="store_true", help="CI mode: a few training steps, tiny evaluation (< 60 s)")
-
-
 def _test_batches(n_max: int | None, batch: int = 120):
     from advmoe.data import build_dataset
 
@@ -102,19 +76,21 @@ def check_logits(model: torch.nn.Module, deployed: torch.nn.Module, batches, dev
     return {"max_abs_diff": diff, "prediction_agreement": agree / max(n, 1), "deployed_sa": correct / max(n, 1), "n": n}
 
 
-def _usage_and_autoattack(models: dict, batches, args, device) -> dict[str, Any]:
+def _usage_and_autoattack(
+    models: dict, batches, device, autoattack: str, aa_samples: int, quick: bool
+) -> dict[str, Any]:
     """Expert usage per MoE layer (clean test set) and AutoAttack RA of each model, via ``advmoe.eval``."""
     from advmoe.eval import EvalConfig, evaluate
 
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
-    quick = {"autoattack_iters": 2, "autoattack_targets": 1} if args.quick else {}
+    short = {"autoattack_iters": 2, "autoattack_targets": 1} if quick else {}
     cfg = EvalConfig(
-        eps=_EPS, attacks=["autoattack"], autoattack_version=args.autoattack, router_robustness=False,
-        frozen_routing=False, pathway_worst_case=False, max_samples=min(args.aa_samples, x.shape[0]),
-        batch_size=120, progress=False, seed=0, **quick,
+        eps=_EPS, attacks=["autoattack"], autoattack_version=autoattack, router_robustness=False,
+        frozen_routing=False, pathway_worst_case=False, max_samples=min(aa_samples, x.shape[0]),
+        batch_size=120, progress=False, seed=0, **short,
     )  # fmt: skip
-    variant = f"AutoAttack {args.autoattack}" + (" (2 iterations, 1 target)" if args.quick else "")
+    variant = f"AutoAttack {autoattack}" + (" (2 iterations, 1 target)" if quick else "")
     out: dict[str, Any] = {"variant": variant, "n": cfg.max_samples}
     for label, model in models.items():
         result = evaluate(model.to(device), (x.to(device), y.to(device)), cfg)
@@ -180,36 +156,70 @@ def _plot(costs: dict[str, Any], history: dict[str, list], path: Path) -> None:
     plt.close(fig)
 
 
-def run_demo(args: argparse.Namespace) -> dict[str, Any]:
-    """Runs the demo (see the module docstring) and returns its summary (also written to ``summary.json``)."""
+def run_demo(
+    out: str | Path = "runs/demo",
+    epochs: int = 6,
+    device: str = "cpu",
+    seed: int = 1234,
+    router: str = "image",
+    latency_batches: list[int] | tuple[int, ...] | None = None,
+    autoattack: str = "fast",
+    aa_samples: int = 360,
+    quick: bool = False,
+) -> dict[str, Any]:
+    """Runs the demo (see the module docstring) and returns its summary (also written to ``summary.json``).
+
+    Args:
+        out: output folder (the two training runs, ``deployed.pt``, ``demo.png``, ``summary.json``, ``costs.md``).
+        epochs: training epochs of each model.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        seed: random seed of both runs.
+        router: MoE routing: ``"image"`` (one two-conv router on the image drives every layer), ``"per_layer"``
+            or ``"research"`` (the research code's ResNet-20 router).
+        latency_batches: latency batch sizes (default ``[1, 64]``; quick: ``[1, 4]``).
+        autoattack: AutoAttack version of the final RA, ``"fast"`` or ``"standard"``.
+        aa_samples: test samples for AutoAttack.
+        quick: CI mode: a few training steps, tiny evaluation.
+
+    Raises:
+        ValueError: an argument out of range (checked before any work; the message names it).
+    """
+    if router not in ("image", "per_layer", "research"):
+        raise ValueError(f"router must be 'image', 'per_layer' or 'research', got {router!r}")
+    if autoattack not in ("fast", "standard"):
+        raise ValueError(f"autoattack must be 'fast' or 'standard', got {autoattack!r}")
+    sizes = [("latency_batches", b) for b in latency_batches or ()]
+    for name, value in [("epochs", epochs), ("aa_samples", aa_samples), *sizes]:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     from advmoe.bench.costs import cost_table
     from advmoe.bench.timing import device_description
+    from advmoe.checkpoint import load_model
     from advmoe.deploy import load_deployed, save_deployed, to_sparse
     from advmoe.train import ExperimentConfig, train
     from advmoe.train.distributed import resolve_device
-    from advmoe.train.trainer import load_trained_model
 
     start = time.perf_counter()
-    out = Path(args.out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(args.device)
+    device = resolve_device(device)
     runs, history = {}, {}
     for label, strategy in (("advmoe", "advmoe"), ("dense_at", "pgd_at")):
         print(f"== training {label}: resnet10_mini {'MoE r=0.5 E=2' if strategy == 'advmoe' else 'dense'}, {strategy}")
-        settings = _config_dict(strategy, args.epochs, args.seed, str(device), args.quick, args.router)
+        settings = _config_dict(strategy, epochs, seed, str(device), quick, router)
         cfg = ExperimentConfig.from_dict(settings)
         summary = train(cfg, out / label)
-        runs[label], _ = load_trained_model(out / label / "last.pt", device)
+        runs[label], _ = load_model(out / label / "last.pt", device=device)
         history[label] = summary["history"]
     rows = {k: v[-1] for k, v in history.items()}
-    attack = "PGD-2" if args.quick else "PGD-10"
+    attack = "PGD-2" if quick else "PGD-10"
     print(f"\n== robustness (digits test, {rows['advmoe'].get('eval_samples')} samples, {attack}, eps 8/255)")
     for label, r in rows.items():
         print(f"  {label:9s} SA {100 * r['sa']:6.2f}%   RA {100 * r['ra']:6.2f}%")
 
     moe, dense = runs["advmoe"], runs["dense_at"]
-    batches = _test_batches(32 if args.quick else None)
-    final = _usage_and_autoattack({"advmoe": moe, "dense_at": dense}, batches, args, device)
+    batches = _test_batches(32 if quick else None)
+    final = _usage_and_autoattack({"advmoe": moe, "dense_at": dense}, batches, device, autoattack, aa_samples, quick)
     print(f"\n== expert usage of the MoE model per layer (digits test, {sum(b[0].shape[0] for b in batches)} samples)")
     print(_print_usage(final["advmoe"]["usage"]))
     print(f"\n== {final['variant']}, eps 8/255, {final['n']} test samples")
@@ -228,16 +238,16 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     if not check["max_abs_diff"] <= tol or not check_reload["max_abs_diff"] <= tol:
         raise RuntimeError(f"deployed logits do not match the training model (tolerance {tol})")
 
-    lat_batches = args.batches or ([1, 4] if args.quick else [1, 64])
+    lat_batches = latency_batches or ([1, 4] if quick else [1, 64])
     inputs = _test_batches(None, batch=max(lat_batches))[0][0]
-    costs = cost_table(dense, moe, deployed, device, inputs, tuple(lat_batches), repeats=2 if args.quick else 10)
+    costs = cost_table(dense, moe, deployed, device, inputs, tuple(lat_batches), repeats=2 if quick else 10)
     table = _print_costs(costs, device_description(device)) + f"\nEvery side: {costs['treatment']}"
     print("\n" + table)
     _plot(costs, history, out / "demo.png")
     summary = {
         "device": device_description(device),
-        "quick": bool(args.quick),
-        "epochs": args.epochs,
+        "quick": bool(quick),
+        "epochs": epochs,
         "sa_ra": {
             k: {"sa": r["sa"], "ra": r["ra"], "attack": attack, "n": r.get("eval_samples")} for k, r in rows.items()
         },

@@ -43,10 +43,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import device_description, device_slug, time_interleaved  # noqa: E402
-
 import moe_kernels  # noqa: E402
+from advmoe.bench.timing import device_description, device_slug
+from advmoe.bench.timing import median_ms as time_interleaved
 from moe_kernels import sparse_moe_conv2d  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -1,4 +1,6 @@
-"""Checkpoint I/O: atomic saves, weights_only loading that refuses (never runs) pickled code, output-dir checks."""
+"""Checkpoints: atomic saves, weights_only loading that refuses (never runs) pickled code, output-dir checks, and
+the model checkpoint formats (``advmoe train``'s and the research code's) through the one loader ``load_model``.
+The formats are tested here only."""
 
 from __future__ import annotations
 
@@ -10,11 +12,14 @@ import pytest
 import torch
 
 from advmoe.checkpoint import (
+    CHECKPOINT_FORMAT,
+    ResearchSpec,
     UnsafeCheckpointError,
     capture_rng_state,
     check_checkpoint_tree,
     check_output_dir,
     load_checkpoint,
+    load_model,
     restore_rng_state,
     save_checkpoint,
 )
@@ -130,3 +135,82 @@ def test_rng_state_roundtrip_through_a_checkpoint(tmp_path):
     restore_rng_state(load_checkpoint(tmp_path / "r.pt")["rng"])
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
+
+
+# --- the model checkpoint formats, through load_model -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory):
+    """``last.pt`` of a one-step ``advmoe train`` run (written by the trainer itself)."""
+    from train_utils import tiny_config
+
+    from advmoe.train import ExperimentConfig, train
+
+    out = tmp_path_factory.mktemp("trained")
+    cfg = tiny_config("advmoe", epochs=1, max_steps=1, eval_samples=8)
+    train(ExperimentConfig.from_dict(cfg), out)
+    return out / "last.pt", cfg
+
+
+def _count_reads(monkeypatch) -> list:
+    reads = []
+    original = torch.load
+
+    def counting_load(*args, **kwargs):
+        reads.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    return reads
+
+
+def test_training_checkpoint_format_and_load_model(trained_checkpoint, monkeypatch):
+    path, cfg = trained_checkpoint
+    reads = _count_reads(monkeypatch)
+    model, ckpt = load_model(path)
+    assert len(reads) == 1  # the file is read once
+    assert ckpt["format"] == CHECKPOINT_FORMAT == "advmoe.train/1"
+    assert {"model", "model_args", "config", "optimizers", "state", "world_size", "rng"} <= set(ckpt)
+    assert ckpt["model_args"]["name"] == "resnet10_mini" and ckpt["model_args"]["num_experts"] == 2
+    assert ckpt["config"]["data"]["name"] == "digits" and ckpt["config"]["data"]["kwargs"] == cfg["data"]["kwargs"]
+    assert not model.training and all(p.device.type == "cpu" for p in model.parameters())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, ckpt["model"][key]), key
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, 16, 16)).shape == (2, 10)
+    again, _ = load_model(ckpt, research=ResearchSpec("resnet18_cifar"))  # a loaded dict; research not needed
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values(), strict=True))
+
+
+def test_research_checkpoint_format_and_load_model(tmp_path, monkeypatch):
+    from tests.masked_moe import ResearchResNetCifar, randomize_
+
+    torch.manual_seed(0)
+    research = randomize_(ResearchResNetCifar(0.25, 2)).eval()
+    path = tmp_path / "model_best.pth.tar"  # the research code's layout: the router also sits in every MoE layer
+    torch.save({"state_dict": research.state_dict(), "router": research.router.state_dict(), "epoch": 7}, path)
+    reads = _count_reads(monkeypatch)
+    model, ckpt = load_model(path, research=ResearchSpec("resnet18_cifar_moe", num_experts=2, ratio=0.25))
+    assert len(reads) == 1 and ckpt["epoch"] == 7 and not model.training
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), research(x), rtol=1e-4, atol=1e-5)
+    as_dict, _ = load_model(path, research={"arch": "resnet18_cifar", "num_experts": 2, "ratio": 0.25})
+    assert as_dict.state_dict().keys() == model.state_dict().keys()
+    with pytest.raises(ValueError, match="research-code checkpoint.*--arch"):
+        load_model(path)
+    with pytest.raises(ValueError, match="does not fit"):
+        load_model(path, research=ResearchSpec("resnet18_cifar", num_experts=2, ratio=0.5))
+
+
+def test_load_model_refuses_other_files(tmp_path):
+    torch.save({"format": "something else", "weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="neither an `advmoe train` checkpoint"):
+        load_model(tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError):
+        load_model(tmp_path / "missing.pt")
+    torch.save({"evil": _CreatesFile(str(tmp_path / "pwned"))}, tmp_path / "evil.pt")
+    with pytest.raises(UnsafeCheckpointError):
+        load_model(tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned").exists()

@@ -183,15 +183,15 @@ def _research_format(model: nn.Module) -> dict:
     return {"state_dict": state, "router": router, "epoch": 3}
 
 
-def test_to_sparse_research_checkpoint(tmp_path):
+def test_to_sparse_research_checkpoint():
     source = _moe(
         "resnet18_cifar", ratio=0.125, normalize=([0.49, 0.48, 0.45], [0.25, 0.24, 0.26]), router_norm=False
     )  # the research code's router has no input norm
     x = _images(4)
     balance_router(source, x)
-    path = tmp_path / "research.pth"
-    torch.save(_research_format(source), path)
-    model = load_research_checkpoint(str(path), "resnet18_cifar_moe", num_experts=2, ratio=0.125, num_classes=10)
+    # the checkpoint file format itself is tested in tests/test_checkpoint.py
+    ckpt = _research_format(source)
+    model = load_research_checkpoint(ckpt, "resnet18_cifar_moe", num_experts=2, ratio=0.125, num_classes=10)
     deployed = to_sparse(model, example_input=x[:2])
     assert deployed.deploy_mode in ("pathway", "grouped")  # auto: whichever was faster here
     with torch.no_grad():
@@ -415,7 +415,8 @@ def test_sync_free_capture_forms_match_eager_forms():
 
 
 def test_convert_checkpoint_reports_mode_reason_and_near_ties(tmp_path):
-    from advmoe.cli_deploy import convert_checkpoint
+    from advmoe.checkpoint import ResearchSpec
+    from advmoe.cli.convert import convert_checkpoint
 
     source = _moe(
         "resnet18_cifar", ratio=0.125, normalize=([0.49, 0.48, 0.45], [0.25, 0.24, 0.26]), router_norm=False
@@ -423,6 +424,6 @@ def test_convert_checkpoint_reports_mode_reason_and_near_ties(tmp_path):
     balance_router(source, _images(8, seed=0))
     torch.save(_research_format(source), tmp_path / "research.pth")
     path = str(tmp_path / "research.pth")
-    _, deployed, report = convert_checkpoint(path, mode="grouped", arch="resnet18_cifar", ratio=0.125)
+    _, deployed, report = convert_checkpoint(path, mode="grouped", research=ResearchSpec("resnet18_cifar", ratio=0.125))
     assert report["mode"] == "grouped" and report["reason"] == "grouped: requested"
     assert report["near_ties"] == 0 and report["max_rel_diff"] <= 1e-4 and report["argmax_agree"]

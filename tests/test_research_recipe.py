@@ -9,10 +9,10 @@ import pytest
 import torch
 from train_utils import tiny_config
 
+from advmoe.attacks.research import research_attack
 from advmoe.nn import router_parameters
 from advmoe.train import ExperimentConfig, Strategy, build_model, load_experiment_config, optimizer_groups
 from advmoe.train.forward import TrainForward, model_mode
-from advmoe.train.research_attack import research_attack
 from advmoe.train.schedule import build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,10 +1,11 @@
-"""Shared pieces of the attacks: argument checks, the model guard, eps-ball projection and random starts."""
+"""Shared pieces of the attacks: argument checks, the model guard, eps-ball projection, random starts and the
+projected steepest-ascent loop."""
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -112,3 +113,37 @@ def input_grad(loss: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(x_adv)
     (grad,) = torch.autograd.grad(loss, [x_adv], allow_unused=True)
     return torch.zeros_like(x_adv) if grad is None else grad
+
+
+def ascend(
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    x_adv: torch.Tensor,
+    eps: float,
+    alpha: float,
+    steps: int,
+    norm: str,
+) -> torch.Tensor:
+    """``steps`` projected steepest-ascent steps on a scalar loss of the input, from ``x_adv``.
+
+    Each step computes ``d loss_fn(x_adv) / d x_adv``, takes :func:`ascent_step` and projects onto the
+    eps-ball around ``x`` intersected with [0, 1] (:func:`project`). The start itself is not projected.
+
+    Args:
+        loss_fn: (B, ...) inputs -> scalar loss to maximise (run with grad enabled).
+        x: (B, ...) clean inputs (the centre of the ball).
+        x_adv: (B, ...) starting point.
+        eps: budget in ``norm``.
+        alpha: step size.
+        steps: iterations (0 returns the start).
+        norm: ``"linf"`` or ``"l2"``.
+
+    Returns:
+        (B, ...) the last iterate (detached).
+    """
+    with torch.enable_grad():
+        for _ in range(steps):
+            x_adv = x_adv.detach().requires_grad_(True)
+            grad = input_grad(loss_fn(x_adv), x_adv)
+            x_adv = project(ascent_step(x_adv.detach(), grad, alpha, norm), x, eps, norm)
+    return x_adv.detach()

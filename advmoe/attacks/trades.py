@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from advmoe.attacks._common import ascent_step, check_attack_args, frozen_params, input_grad, project
+from advmoe.attacks._common import ascend, check_attack_args, frozen_params, project
 from advmoe.attacks.losses import kl_loss
 
 __all__ = ["trades_pgd"]
@@ -51,11 +51,5 @@ def trades_pgd(
                 logits_nat = model(x)
         target = logits_nat.detach()
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x_adv = project(x + START_STD * noise, x, eps, norm)
-        with torch.enable_grad():
-            for _ in range(steps):
-                x_adv.requires_grad_(True)
-                loss = kl_loss(model(x_adv), target).sum()
-                grad = input_grad(loss, x_adv)
-                x_adv = project(ascent_step(x_adv.detach(), grad, alpha, norm), x, eps, norm)
-    return x_adv.detach()
+        start = project(x + START_STD * noise, x, eps, norm)
+        return ascend(lambda x_adv: kl_loss(model(x_adv), target).sum(), x, start, eps, alpha, steps, norm)

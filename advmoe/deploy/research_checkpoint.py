@@ -28,10 +28,8 @@ def _load(path_or_dict) -> Mapping:
         return path_or_dict
     if not isinstance(path_or_dict, (str, Path)):
         raise TypeError(f"path_or_dict must be a path or a checkpoint dict, got {type(path_or_dict).__name__}")
-    try:
-        from advmoe.checkpoint import load_checkpoint
-    except ImportError:  # pragma: no cover - the checkpoint module is part of the package
-        return torch.load(path_or_dict, map_location="cpu", weights_only=True)
+    from advmoe.checkpoint import load_checkpoint
+
     return load_checkpoint(path_or_dict)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-__all__ = ["EVALUATION_VERSION", "KNOWN_ATTACKS", "EvalConfig"]
+__all__ = ["EVALUATION_VERSION", "KNOWN_ATTACKS", "EvalConfig", "load_eval_config"]
 
 KNOWN_ATTACKS = ("pgd_ce", "pgd_cw", "autoattack")
 
@@ -128,3 +128,29 @@ class EvalConfig:
             raise ValueError(f"eval.max_samples must be >= 1 or None, got {self.max_samples}")
         if self.autoattack_version not in ("standard", "fast"):
             raise ValueError(f"eval.autoattack_version must be 'standard' or 'fast', got {self.autoattack_version!r}")
+
+
+def load_eval_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> EvalConfig:
+    """Read an :class:`EvalConfig` from YAML (or start from defaults) and apply ``key=value`` overrides.
+
+    The counterpart of :func:`advmoe.train.load_experiment_config` for ``advmoe eval``.
+
+    Args:
+        path: YAML file holding an ``EvalConfig`` mapping, or a full experiment config whose ``eval`` section
+            is used; None for the defaults.
+        overrides: strings such as ``"max_samples=500"`` or ``"eval.max_samples=500"`` (an ``eval.`` prefix is
+            dropped); values are parsed as YAML.
+
+    Returns:
+        The validated :class:`EvalConfig`.
+
+    Raises:
+        ValueError: an unknown key or a bad value (the message names it).
+    """
+    from advmoe._config import apply_overrides, from_dict, load_yaml
+
+    data = load_yaml(path) if path else {}
+    if "eval" in data and isinstance(data["eval"], dict):
+        data = data["eval"]
+    overrides = [o[len("eval.") :] if o.startswith("eval.") else o for o in overrides]
+    return from_dict(EvalConfig, apply_overrides(data, overrides), "eval")

@@ -6,6 +6,7 @@ correctly"), so worst cases over several attacks are exact per-sample ANDs, neve
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -118,42 +119,27 @@ def make_attack(name: str, cfg: EvalConfig, generator: torch.Generator | None = 
     """
     from advmoe import attacks
 
+    budget = {"eps": cfg.eps, "norm": cfg.norm, "generator": generator}
     if name in GRADIENT_ATTACKS:
         loss = "ce" if name == "pgd_ce" else "cw"
-
-        def run_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return attacks.pgd(
-                model,
-                x,
-                y,
-                eps=cfg.eps,
-                alpha=cfg.pgd_alpha,
-                steps=cfg.pgd_steps,
-                random_start=True,
-                norm=cfg.norm,
-                loss=loss,
-                restarts=cfg.pgd_restarts,
-                generator=generator,
-            )
-
-        return run_pgd
+        return functools.partial(
+            attacks.pgd,
+            alpha=cfg.pgd_alpha,
+            steps=cfg.pgd_steps,
+            random_start=True,
+            loss=loss,
+            restarts=cfg.pgd_restarts,
+            **budget,
+        )
     if name == "autoattack":
-
-        def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return attacks.autoattack(
-                model,
-                x,
-                y,
-                eps=cfg.eps,
-                norm=cfg.norm,
-                version=cfg.autoattack_version,
-                n_iter=cfg.autoattack_iters,
-                n_targets=cfg.autoattack_targets,
-                square_queries=cfg.autoattack_square_queries,
-                generator=generator,
-            )
-
-        return run_autoattack
+        return functools.partial(
+            attacks.autoattack,
+            version=cfg.autoattack_version,
+            n_iter=cfg.autoattack_iters,
+            n_targets=cfg.autoattack_targets,
+            square_queries=cfg.autoattack_square_queries,
+            **budget,
+        )
     raise ValueError(f"unknown attack {name!r}; known: {[*GRADIENT_ATTACKS, 'autoattack']}")
 
 

@@ -14,7 +14,7 @@ from advmoe.train.config import (
     TrainConfig,
     load_experiment_config,
 )
-from advmoe.train.losses import NonFiniteLossError, kl_from_logits, research_router_loss, trades_loss
+from advmoe.train.losses import NonFiniteLossError, research_router_loss, trades_loss
 from advmoe.train.strategies import Strategy, optimizer_groups
 from advmoe.train.trainer import CHECKPOINT_FORMAT, build_model, load_trained_model, train
 
@@ -30,7 +30,6 @@ __all__ = [
     "Strategy",
     "TrainConfig",
     "build_model",
-    "kl_from_logits",
     "load_experiment_config",
     "load_trained_model",
     "optimizer_groups",

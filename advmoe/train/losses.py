@@ -1,8 +1,9 @@
 """Training losses, computed stably from logits.
 
-Every KL term takes log-probabilities on both sides (``F.kl_div(..., log_target=True)``), so a target
-probability that underflows to 0 in float32 never produces ``0 * log 0`` NaNs (the research code's
-``KLDivLoss(log_softmax(adv), softmax(nat))`` does, which is how its router goes NaN).
+Every KL term is ``advmoe.attacks.losses.kl_loss`` (the project's one KL helper) averaged over the batch: it
+takes log-probabilities on both sides, so a target probability that underflows to 0 in float32 never produces
+``0 * log 0`` NaNs (the research code's ``KLDivLoss(log_softmax(adv), softmax(nat))`` does, which is how its
+router goes NaN).
 """
 
 from __future__ import annotations
@@ -12,29 +13,13 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-__all__ = ["NonFiniteLossError", "kl_from_logits", "research_router_loss", "trades_loss"]
+from advmoe.attacks.losses import kl_loss
+
+__all__ = ["NonFiniteLossError", "research_router_loss", "trades_loss"]
 
 
 class NonFiniteLossError(FloatingPointError):
     """A training loss was NaN or infinite; the run stops before the bad update is applied."""
-
-
-def kl_from_logits(logits_adv: torch.Tensor, logits_nat: torch.Tensor) -> torch.Tensor:
-    """Batch-mean KL(softmax(logits_nat) || softmax(logits_adv)), stable in float32.
-
-    Args:
-        logits_adv: (B, C) logits on adversarial inputs.
-        logits_nat: (B, C) logits on clean inputs (the target distribution; not detached).
-
-    Returns:
-        Scalar: sum over classes, mean over the batch (TRADES' ``(1/B) * KLDivLoss(reduction="sum")``).
-    """
-    return F.kl_div(
-        F.log_softmax(logits_adv.float(), dim=1),
-        F.log_softmax(logits_nat.float(), dim=1),
-        reduction="batchmean",
-        log_target=True,
-    )
 
 
 def trades_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
@@ -49,7 +34,7 @@ def trades_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Ten
     Returns:
         Scalar loss.
     """
-    return F.cross_entropy(logits_nat, y) + beta * kl_from_logits(logits_adv, logits_nat)
+    return F.cross_entropy(logits_nat, y) + beta * kl_loss(logits_adv, logits_nat).mean()
 
 
 def research_router_loss(
@@ -87,5 +72,5 @@ def research_router_loss(
     for name, scores in router_nat.items():
         num_experts = scores.shape[1]
         total = total + ce_weight * F.cross_entropy(scores.float(), y % num_experts)
-        total = total + kl_weight * kl_from_logits(router_adv[name], scores)
+        total = total + kl_weight * kl_loss(router_adv[name], scores).mean()
     return total / len(router_nat)

@@ -34,12 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from advmoe.attacks.research import research_attack
 from advmoe.nn import is_moe, moe_layers
 from advmoe.train.config import TrainConfig
 from advmoe.train.distributed import DistInfo, all_reduce_sum, any_rank
 from advmoe.train.forward import model_mode, only_trainable, split_parameters
 from advmoe.train.losses import NonFiniteLossError, research_router_loss, trades_loss
-from advmoe.train.research_attack import research_attack
 
 __all__ = ["Strategy", "expert_row_parameters", "optimizer_groups"]
 

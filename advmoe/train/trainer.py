@@ -25,7 +25,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from advmoe.checkpoint import capture_rng_state, check_output_dir, load_checkpoint, save_checkpoint
+from advmoe.checkpoint import (
+    CHECKPOINT_FORMAT,
+    capture_rng_state,
+    check_output_dir,
+    load_checkpoint,
+    load_trained_model,
+    save_checkpoint,
+)
 from advmoe.train.config import ExperimentConfig
 from advmoe.train.data import EpochBatchSampler, augment_batch, eval_batches, mix_seed, train_loader
 from advmoe.train.distributed import DistInfo, barrier, init_distributed, shutdown
@@ -35,9 +42,8 @@ from advmoe.train.monitor import RunLog, evaluate_sa_ra
 from advmoe.train.schedule import build_optimizer, lr_at, set_lr
 from advmoe.train.strategies import Strategy, expert_row_parameters, optimizer_groups
 
+# CHECKPOINT_FORMAT and load_trained_model live in advmoe.checkpoint (re-exported for the documented imports)
 __all__ = ["CHECKPOINT_FORMAT", "build_model", "load_trained_model", "train"]
-
-CHECKPOINT_FORMAT = "advmoe.train/1"
 
 
 def build_model(cfg: ExperimentConfig) -> tuple[nn.Module, dict[str, Any]]:
@@ -69,28 +75,6 @@ def build_model(cfg: ExperimentConfig) -> tuple[nn.Module, dict[str, Any]]:
         **m.kwargs,
     }
     return create_model(**args), args
-
-
-def load_trained_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild a model from a checkpoint written by :func:`train` (eval mode).
-
-    Returns:
-        (model, checkpoint dict).
-
-    Raises:
-        ValueError: the file is not an ``advmoe train`` checkpoint.
-    """
-    from advmoe.models import create_model
-
-    ckpt = load_checkpoint(path)
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(
-            f"{str(path)!r} is not an advmoe training checkpoint (format {ckpt.get('format')!r}); research-code "
-            "checkpoints load with advmoe.deploy.load_research_checkpoint (or `advmoe eval --arch ...`)"
-        )
-    model = create_model(**ckpt["model_args"])
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt
 
 
 def train(cfg: ExperimentConfig, out_dir: str | os.PathLike, resume: bool | str | os.PathLike = False) -> dict:

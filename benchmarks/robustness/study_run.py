@@ -221,7 +221,7 @@ def evaluate_run(model: nn.Module, test, ev: dict[str, Any], seed: int) -> dict[
 
 def research_metric(run_dir: Path, epochs: int, test, ev: dict[str, Any], seed: int, device) -> dict[str, Any]:
     """The research code's metric per epoch on the test split, and its best-on-test value per eps."""
-    from advmoe.train.trainer import load_trained_model
+    from advmoe.checkpoint import load_model
 
     cfg = ev.get("research_pgd") or {}
     n = len(test) if cfg.get("samples") is None else min(len(test), int(cfg["samples"]))
@@ -230,7 +230,7 @@ def research_metric(run_dir: Path, epochs: int, test, ev: dict[str, Any], seed: 
     bs = int(ev.get("batch_size", 500))
     per_epoch: dict[str, list[float]] = {f"{eps:g}": [] for eps in ev["eps"]}
     for epoch in range(1, epochs + 1):
-        model, _ = load_trained_model(run_dir / f"epoch{epoch}.pt", device=device)
+        model, _ = load_model(run_dir / f"epoch{epoch}.pt", device=device)
         gen = torch.Generator(device=device).manual_seed(seed)
         for eps in ev["eps"]:
             ok = 0
@@ -259,9 +259,9 @@ def run_one(study: dict[str, Any], arm: str, seed: int, work_dir: Path, fresh: b
     """Train (or reuse) and evaluate one (arm, seed) run; returns its record (also saved as result.json)."""
     from study_config import arm_config
 
+    from advmoe.checkpoint import load_model
     from advmoe.data import build_dataset
     from advmoe.train import NonFiniteLossError
-    from advmoe.train.trainer import load_trained_model
 
     cfg = arm_config(study, arm, seed)
     ev = study["eval"]
@@ -293,7 +293,7 @@ def run_one(study: dict[str, Any], arm: str, seed: int, work_dir: Path, fresh: b
     train_time, train_cpu = time.perf_counter() - start, time.process_time() - cpu_start
     epoch = select_epoch(history)
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, _ = load_trained_model(run_dir / f"epoch{epoch}.pt", device=device)
+    model, _ = load_model(run_dir / f"epoch{epoch}.pt", device=device)
     d = cfg.data
     test = build_dataset(d.name, root=d.root, split="test", **d.kwargs)
     start, cpu_start = time.perf_counter(), time.process_time()

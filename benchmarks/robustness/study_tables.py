@@ -6,17 +6,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from advmoe.eval.report import mean_std
+
 __all__ = ["mean_std", "write_expert_usage", "write_table"]
-
-
-def mean_std(values) -> tuple[float | None, float | None, int]:
-    """Mean, sample standard deviation (ddof 1; 0 for one value) and count of the non-None values."""
-    vals = [float(v) for v in values if v is not None]
-    if not vals:
-        return None, None, 0
-    mean = sum(vals) / len(vals)
-    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-    return mean, std, len(vals)
 
 
 def _ms(values, digits: int = 1) -> str:
