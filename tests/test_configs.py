@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from advmoe._config import load_yaml
 from advmoe.data import list_datasets
 from advmoe.models import list_models
 from advmoe.train import ExperimentConfig, load_experiment_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+# What every config resolved to before the configs shared bases (generated at commit f4b9b24 from the then
+# self-contained files): "file" is the YAML mapping as ``advmoe eval --config`` reads it, "resolved" the
+# ``ExperimentConfig.to_dict()`` that ``advmoe train --config`` runs.
+RESOLVED = json.loads((Path(__file__).resolve().parent / "data" / "resolved_configs.json").read_text())
 
 
 def test_the_configs_exist():
@@ -36,6 +42,17 @@ def test_config_loads_and_names_known_model_and_dataset(path):
         assert t.optimizer.weight_decay == 5e-4 and t.optimizer.schedule == "cosine"
         assert t.attack.eps == pytest.approx(8 / 255) and t.attack.alpha == pytest.approx(5 / 255)
         assert t.attack.steps == 2 and t.eval_attack.alpha == pytest.approx(2 / 255)
+
+
+def test_every_recorded_config_still_exists():
+    assert len(RESOLVED) == 26 and set(RESOLVED) <= {p.name for p in CONFIGS}
+
+
+@pytest.mark.parametrize("name", sorted(RESOLVED))
+def test_config_resolves_as_before(name):
+    path = CONFIGS[0].parent / name
+    assert load_yaml(str(path)) == RESOLVED[name]["file"]
+    assert load_experiment_config(str(path)).to_dict() == RESOLVED[name]["resolved"]
 
 
 def test_defaults_are_the_research_code_defaults():
