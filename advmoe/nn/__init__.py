@@ -6,7 +6,7 @@ straight-through gate; the helpers (``moe_layers``, ``router_parameters``, ``for
 ``frozen_routing``, ...) are what training, evaluation and deployment use.
 """
 
-from advmoe.nn.model_utils import (
+from advmoe.nn.routing_record import (
     MoEAux,
     expert_parameters,
     forward_with_aux,
@@ -17,7 +17,7 @@ from advmoe.nn.model_utils import (
     router_parameters,
 )
 from advmoe.nn.moe_conv import SparseMoEConv2d
-from advmoe.nn.routed import Normalize, RoutedModel, RoutedSequential
+from advmoe.nn.routed_model import Normalize, RoutedModel, RoutedSequential
 from advmoe.nn.routers import PerLayerRouter, ResearchRouter, Router
 from advmoe.nn.routing import GATE_SCORES, Routing, load_balance_loss, top_k_routing
 

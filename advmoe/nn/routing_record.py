@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from advmoe.nn.moe_conv import SparseMoEConv2d
-from advmoe.nn.routed import RoutedModel
+from advmoe.nn.routed_model import RoutedModel
 from advmoe.nn.routers import Router
 from advmoe.nn.routing import load_balance_loss
 
