@@ -47,9 +47,12 @@ class RoutedModel(nn.Module):
     """
 
     def __init__(
-        self, normalize: nn.Module | None = None, router: Router | None = None, top_k: int = 1,
+        self,
+        normalize: nn.Module | None = None,
+        router: Router | None = None,
+        top_k: int = 1,
         gate_score: str = "softmax",
-    ):  # fmt: skip
+    ):
         super().__init__()
         if gate_score not in GATE_SCORES:
             raise ValueError(f"gate_score must be one of {GATE_SCORES}, got {gate_score!r}")
