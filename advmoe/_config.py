@@ -8,15 +8,17 @@ meets an unknown one. :func:`apply_overrides` applies ``section.key=value`` stri
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
 T = TypeVar("T")
 
-__all__ = ["apply_overrides", "from_dict", "load_yaml", "parse_override", "to_dict"]
+__all__ = ["apply_overrides", "deep_merge", "from_dict", "load_yaml", "parse_override", "to_dict"]
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -81,15 +83,71 @@ def to_dict(config: Any) -> Any:
     return config
 
 
-def load_yaml(path: str) -> dict[str, Any]:
-    """Read a YAML config file (``yaml.safe_load``); an empty file gives an empty dict."""
+EXTENDS_KEY = "extends"
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML config file (``yaml.safe_load``), resolving its ``extends:`` chain; an empty file gives ``{}``.
+
+    A file may name another YAML file it builds on with a top-level ``extends: other.yaml`` (a path relative to
+    the file's own folder). That file is read first (its own ``extends`` too), then this file's mapping is
+    deep-merged over it (:func:`deep_merge`: nested mappings merge key by key, anything else replaces), and the
+    ``extends`` key itself is dropped from the result.
+
+    Args:
+        path: the YAML file.
+
+    Returns:
+        The merged mapping.
+
+    Raises:
+        ValueError: a file that does not hold a mapping, an ``extends`` that is not a path string, a base that
+            does not exist (the message names the file that asked for it), or a cycle of ``extends``.
+        FileNotFoundError: ``path`` itself does not exist.
+    """
+    return _load_extending(Path(path), ())
+
+
+def _load_extending(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     with open(path) as f:
         data = yaml.safe_load(f)
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path!r} must hold a mapping at top level, got {type(data).__name__}")
-    return data
+        raise ValueError(f"config file {str(path)!r} must hold a mapping at top level, got {type(data).__name__}")
+    if EXTENDS_KEY not in data:
+        return data
+    base = data.pop(EXTENDS_KEY)
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"{EXTENDS_KEY} in {str(path)!r} must be a path to a YAML file, got {base!r}")
+    here = path.resolve()
+    chain = (*chain, here)
+    base_path = (here.parent / base).resolve()
+    if base_path in chain:
+        cycle = " -> ".join(str(p) for p in (*chain[chain.index(base_path) :], base_path))
+        raise ValueError(f"{EXTENDS_KEY} cycle: {cycle}")
+    if not base_path.is_file():
+        raise ValueError(f"{EXTENDS_KEY}: {base!r} in {str(path)!r} names a file that does not exist ({base_path})")
+    return deep_merge(_load_extending(base_path, chain), data)
+
+
+def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A copy of ``base`` with ``update`` merged in: nested mappings merge key by key, other values replace.
+
+    Args:
+        base: the mapping to start from (not modified).
+        update: the mapping whose values win, or None.
+
+    Returns:
+        A new nested dict (no structure shared with either argument).
+    """
+    out = _deep_copy(base)
+    for key, value in (update or {}).items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = _deep_copy(value)
+    return out
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

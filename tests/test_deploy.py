@@ -427,3 +427,18 @@ def test_convert_checkpoint_reports_mode_reason_and_near_ties(tmp_path):
     _, deployed, report = convert_checkpoint(path, mode="grouped", research=ResearchSpec("resnet18_cifar", ratio=0.125))
     assert report["mode"] == "grouped" and report["reason"] == "grouped: requested"
     assert report["near_ties"] == 0 and report["max_rel_diff"] <= 1e-4 and report["argmax_agree"]
+
+
+@pytest.mark.parametrize("mode", ["pathway", "grouped"])
+def test_routed_once_forms_route_like_the_source_and_reject_bad_input(mode):
+    model = _moe("resnet10_mini").eval()
+    x = _images(4)
+    deployed = to_sparse(model, mode=mode, example_input=x[:2])
+    with torch.no_grad():
+        expected = model.router(model.normalize(x)).argmax(1)
+        assert torch.equal(deployed.route(x), expected)
+    for bad in (x[0], "images"):
+        with pytest.raises(ValueError, match=r"input must be a \(B, C, H, W\) image tensor"):
+            deployed.route(bad)
+        with pytest.raises(ValueError, match=r"input must be a \(B, C, H, W\) image tensor"):
+            deployed(bad)

@@ -34,6 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from advmoe.nn.routing import Routing
+from advmoe.nn.routing_record import record_routing, report_routing
+
 __all__ = ["calibrated_temperatures", "soft_mixture", "soft_routing"]
 
 
@@ -62,17 +65,15 @@ def soft_mixture(
     return torch.cat(slots, dim=1)
 
 
-def _route_with_scores(layer: nn.Module, x: torch.Tensor, routing) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def _route_with_scores(layer: nn.Module, x: torch.Tensor, routing) -> tuple[torch.Tensor, torch.Tensor, Routing | None]:
     """The layer's own routing path (its per-layer router, or the model-level routing handed in):
-    (hard expert_idx (B, k), router scores (B, E), the layer's routing record)."""
-    record: dict = {}
-    outer, layer._record = layer._record, record
-    try:
+    (hard expert_idx (B, k), router scores (B, E), the Routing the layer's own router produced or None)."""
+    with record_routing() as inner:
         hard_idx, _ = layer.route(x, routing)
-    finally:
-        layer._record = outer
-    scores = routing.logits if routing is not None else record["router"].logits
-    return hard_idx, scores, record
+    record = inner.get(layer)
+    own = record.router if record is not None else None
+    scores = routing.logits if routing is not None else own.logits
+    return hard_idx, scores, own
 
 
 def _soft_forward(layer: nn.Module, temperature: float, x: torch.Tensor, routing=None) -> torch.Tensor:
@@ -81,12 +82,9 @@ def _soft_forward(layer: nn.Module, temperature: float, x: torch.Tensor, routing
         return type(layer).forward(layer, x, routing)
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x must be a (B, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
-    hard_idx, scores, record = _route_with_scores(layer, x, routing)
-    outer = layer._record
-    if outer is not None:  # inside forward_with_aux: report the hard choice and the router's scores
-        outer["expert_idx"] = hard_idx.detach()
-        if "router" in record:
-            outer["router"] = record["router"]
+    hard_idx, scores, own = _route_with_scores(layer, x, routing)
+    # inside forward_with_aux (advmoe.nn.record_routing): report the hard choice and the router's scores
+    report_routing(layer, expert_idx=hard_idx, router=own)
     padding = layer.padding
     if layer.padding_mode != "zeros" and any(padding):
         x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]), mode=layer.padding_mode)

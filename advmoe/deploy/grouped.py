@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 from advmoe.deploy.layers import GroupRanges
+from advmoe.deploy.routed_once import RoutedOnce
 from advmoe.nn import Router
 
 
-class GroupedMoE(nn.Module):
+class GroupedMoE(RoutedOnce):
     """Deployed top-1 MoE: route once, permute once, one network in grouped order, un-permute once.
 
     Args:
@@ -33,25 +34,14 @@ class GroupedMoE(nn.Module):
 
     def __init__(self, normalize: nn.Module | None, router: Router, network: nn.Module, groups: GroupRanges,
                  num_experts: int):  # fmt: skip
-        super().__init__()
-        self.normalize = normalize
-        self.router = router
+        super().__init__(normalize, router)
         self.network = network
         self.groups = groups
         self.num_experts = num_experts
 
-    def route(self, x: torch.Tensor) -> torch.Tensor:
-        """(B,) int64 expert of each sample of the raw input x (B, C, H, W)."""
-        xn = self.normalize(x) if self.normalize is not None else x
-        return self.router(xn).argmax(dim=1)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, num_classes) for images x (B, C, H, W) in [0, 1]."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"input must be a (B, C, H, W) image tensor, got {getattr(x, 'shape', type(x))}")
-        if self.normalize is not None:
-            x = self.normalize(x)
-        choice = self.router(x).argmax(dim=1)
+        x, choice = self.normalize_and_route(x)
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
         if capturing or torch.compiler.is_compiling() or torch.jit.is_tracing():
             # No host read of the counts allowed: every expert on the whole batch, each sample keeps its own.

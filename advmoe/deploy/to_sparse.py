@@ -41,6 +41,7 @@ from advmoe.deploy.layers import (
     GroupRanges,
     RoutedExpertConv2d,
 )
+from advmoe.deploy.routed_once import RoutedOnce
 from advmoe.nn import PerLayerRouter, RoutedModel, Router, SparseMoEConv2d, moe_layers, num_pathways
 
 MODES = ("auto", "pathway", "grouped", "layer")
@@ -48,7 +49,7 @@ MODES = ("auto", "pathway", "grouped", "layer")
 __all__ = ["ExpertConv2d", "FusedMoEConv2d", "GroupedMoE", "PathwayMoE", "fold_batchnorms", "to_sparse"]
 
 
-class PathwayMoE(nn.Module):
+class PathwayMoE(RoutedOnce):
     """Deployed top-1 MoE with a model-level router: route once, run one slim dense network per pathway.
 
     Args:
@@ -59,24 +60,13 @@ class PathwayMoE(nn.Module):
     """
 
     def __init__(self, normalize: nn.Module | None, router: Router, pathways: list[nn.Module], num_classes: int):
-        super().__init__()
-        self.normalize = normalize
-        self.router = router
+        super().__init__(normalize, router)
         self.pathways = nn.ModuleList(pathways)
         self.num_classes = num_classes
 
-    def route(self, x: torch.Tensor) -> torch.Tensor:
-        """(B,) int64 pathway of each sample of the raw input x (B, C, H, W)."""
-        xn = self.normalize(x) if self.normalize is not None else x
-        return self.router(xn).argmax(dim=1)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, num_classes) for images x (B, C, H, W) in [0, 1]."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"input must be a (B, C, H, W) image tensor, got {getattr(x, 'shape', type(x))}")
-        if self.normalize is not None:
-            x = self.normalize(x)
-        choice = self.router(x).argmax(dim=1)
+        x, choice = self.normalize_and_route(x)
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             return self._select_forward(x, choice)  # no host sync allowed while a CUDA graph is captured
         if torch.compiler.is_compiling() or torch.jit.is_tracing():

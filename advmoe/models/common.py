@@ -1,4 +1,4 @@
-"""What every zoo model shares: the width/conv factory that switches MoE on, and weight initialisation.
+"""What every zoo model shares: the width/conv factory that switches MoE on, input normalisation, weight init.
 
 One definition per architecture serves both variants: the builder asks ``ModelSpec.conv(...)`` for each
 convolution, marking which ones the research code makes MoE; a dense spec returns ``nn.Conv2d`` there.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from advmoe.nn import PerLayerRouter, ResearchRouter, Router, SparseMoEConv2d
@@ -99,6 +100,33 @@ class ModelSpec:
         if self.moe and self.router == "image":
             return ImageRouter(self.num_experts, in_channels, input_norm=self.router_norm)
         return None
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel, with mean and std as buffers (names match the research code).
+
+    Args:
+        mean: per-channel means (C,).
+        std: per-channel standard deviations (C,), all > 0.
+    """
+
+    def __init__(self, mean, std):
+        super().__init__()
+        mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
+        std = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
+        if mean.shape != std.shape or (std <= 0).any():
+            raise ValueError(f"normalize needs mean and std of equal length with std > 0, got {mean}, {std}")
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) -> normalised (B, C, H, W)."""
+        return (x - self.mean[None, :, None, None].to(x.dtype)) / self.std[None, :, None, None].to(x.dtype)
+
+
+def make_normalize(normalize: tuple | None) -> Normalize | None:
+    """``Normalize(mean, std)`` for a ``(mean, std)`` pair (``create_model``'s ``normalize``), None for None."""
+    return Normalize(*normalize) if normalize is not None else None
 
 
 def init_weights(model: nn.Module) -> None:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advmoe.models.common import ModelSpec, init_weights
+from advmoe.models.common import ModelSpec, init_weights, make_normalize
 from advmoe.models.registry import register_model
 from advmoe.nn import RoutedModel, RoutedSequential, Routing
 
@@ -78,7 +78,7 @@ class DenseNet(RoutedModel):
         small_inputs: bool = True, growth_rate: int = 12, num_init_features: int = 24, bn_size: int = 4,
         compression: float = 0.5, drop_rate: float = 0.0,
     ):  # fmt: skip
-        super().__init__(normalize, spec.model_router(in_channels), spec.top_k, spec.gate_score)
+        super().__init__(make_normalize(normalize), spec.model_router(in_channels), spec.top_k, spec.gate_score)
         if not 0 < compression <= 1:
             raise ValueError(f"compression must be in (0, 1], got {compression}")
         init = spec.scaled(num_init_features)

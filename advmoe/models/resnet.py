@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advmoe.models.common import ModelSpec, init_weights
+from advmoe.models.common import ModelSpec, init_weights, make_normalize
 from advmoe.models.registry import register_model
 from advmoe.nn import RoutedModel, RoutedSequential, Routing
 
@@ -98,7 +98,7 @@ class ResNet(RoutedModel):
         self, block, num_blocks, spec: ModelSpec, num_classes: int = 10, in_channels: int = 3, normalize=None,
         stem: str = "cifar", stage_planes: tuple[int, ...] = (64, 128, 256, 512),
     ):  # fmt: skip
-        super().__init__(normalize, spec.model_router(in_channels), spec.top_k, spec.gate_score)
+        super().__init__(make_normalize(normalize), spec.model_router(in_channels), spec.top_k, spec.gate_score)
         cifar = stem == "cifar"
         stem_width = stage_planes[0] if (cifar and spec.moe) else spec.scaled(stage_planes[0])
         kernel, stride, padding = (3, 1, 1) if cifar else (7, 2, 3)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from advmoe.models.common import ModelSpec, init_weights
+from advmoe.models.common import ModelSpec, init_weights, make_normalize
 from advmoe.models.registry import register_model
 from advmoe.nn import RoutedModel, RoutedSequential
 
@@ -31,7 +31,7 @@ class VGG(RoutedModel):
         self, layout, batch_norm: bool, spec: ModelSpec, num_classes: int = 10, in_channels: int = 3,
         normalize=None, hidden: int = 256,
     ):  # fmt: skip
-        super().__init__(normalize, spec.model_router(in_channels), spec.top_k, spec.gate_score)
+        super().__init__(make_normalize(normalize), spec.model_router(in_channels), spec.top_k, spec.gate_score)
         layers: list[nn.Module] = []
         channels = in_channels
         first = True

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advmoe.models.common import ModelSpec, init_weights
+from advmoe.models.common import ModelSpec, init_weights, make_normalize
 from advmoe.models.registry import register_model
 from advmoe.models.resnet import _apply
 from advmoe.nn import RoutedModel, RoutedSequential, Routing
@@ -96,7 +96,7 @@ class WideResNet(RoutedModel):
         self, depth: int, widen_factor: int, spec: ModelSpec, num_classes: int = 10, in_channels: int = 3,
         normalize=None, drop_rate: float = 0.0, preact_projection: bool = True,
     ):  # fmt: skip
-        super().__init__(normalize, spec.model_router(in_channels), spec.top_k, spec.gate_score)
+        super().__init__(make_normalize(normalize), spec.model_router(in_channels), spec.top_k, spec.gate_score)
         if (depth - 4) % 6:
             raise ValueError(f"WideResNet depth must be 6n + 4, got {depth}")
         n = (depth - 4) // 6

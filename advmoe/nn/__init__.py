@@ -1,25 +1,29 @@
 """advmoe.nn: the sparse MoE convolution module, routers and model-level helpers.
 
-``SparseMoEConv2d`` is a drop-in for ``nn.Conv2d`` running on ``moe_kernels.sparse_moe_conv2d``;
-``ResearchRouter`` / ``PerLayerRouter`` score experts; ``top_k_routing`` makes a ``Routing`` with a
-straight-through gate; the helpers (``moe_layers``, ``router_parameters``, ``forward_with_aux``,
-``frozen_routing``, ...) are what training, evaluation and deployment use.
+Where things live:
+
+- ``moe_conv``: ``SparseMoEConv2d``, a drop-in for ``nn.Conv2d`` running on ``moe_kernels.sparse_moe_conv2d``.
+- ``routers``: the router modules (``ResearchRouter``, ``ImageRouter``, ``PerLayerRouter``, base ``Router``).
+- ``routing``: the ``Routing`` decision record, ``top_k_routing`` (straight-through gate), the balance losses.
+- ``routed_model``: ``RoutedModel`` (base of the zoo models) and ``RoutedSequential``, which hand a model-level
+  routing down to the MoE layers.
+- ``routing_record``: ``record_routing``, the explicit context the layers report their decisions to;
+  ``forward_aux``: ``forward_with_aux`` built on it.
+- ``structure`` (``moe_layers``, ``is_moe``, ``num_pathways``), ``parameter_groups`` (``router_parameters``,
+  ``expert_parameters``), ``freeze`` (``frozen_routing``): what training, evaluation and deployment use.
+
+``Normalize`` (input normalisation) lives in ``advmoe.models.common``; ``advmoe.nn.Normalize`` still names it.
 """
 
-from advmoe.nn.model_utils import (
-    MoEAux,
-    expert_parameters,
-    forward_with_aux,
-    frozen_routing,
-    is_moe,
-    moe_layers,
-    num_pathways,
-    router_parameters,
-)
+from advmoe.nn.forward_aux import MoEAux, forward_with_aux
+from advmoe.nn.freeze import frozen_routing
 from advmoe.nn.moe_conv import SparseMoEConv2d
-from advmoe.nn.routed import Normalize, RoutedModel, RoutedSequential
+from advmoe.nn.parameter_groups import expert_parameters, router_parameters
+from advmoe.nn.routed_model import RoutedModel, RoutedSequential
 from advmoe.nn.routers import PerLayerRouter, ResearchRouter, Router
 from advmoe.nn.routing import GATE_SCORES, Routing, load_balance_loss, top_k_routing
+from advmoe.nn.routing_record import record_routing
+from advmoe.nn.structure import is_moe, moe_layers, num_pathways
 
 __all__ = [
     "GATE_SCORES",
@@ -39,6 +43,16 @@ __all__ = [
     "load_balance_loss",
     "moe_layers",
     "num_pathways",
+    "record_routing",
     "router_parameters",
     "top_k_routing",
 ]
+
+
+def __getattr__(name: str):
+    # advmoe.models builds on advmoe.nn, so Normalize is imported on first use, not at package import
+    if name == "Normalize":
+        from advmoe.models.common import Normalize
+
+        return Normalize
+    raise AttributeError(f"module 'advmoe.nn' has no attribute {name!r}")

@@ -15,6 +15,7 @@ from torch.nn.modules.utils import _pair
 
 from advmoe.nn.routers import PerLayerRouter, Router
 from advmoe.nn.routing import GATE_SCORES, Routing, top_k_routing
+from advmoe.nn.routing_record import report_routing
 from moe_kernels import sparse_moe_conv2d
 from moe_kernels.backends import backend_uses_plan, resolve_backend
 from moe_kernels.plan import RoutingPlan
@@ -115,7 +116,6 @@ class SparseMoEConv2d(nn.Module):
         self.track_usage = True
         self.register_buffer("expert_counts", torch.zeros(num_experts, dtype=torch.int64, device=device), False)
         self.frozen_expert_idx: None | int | torch.Tensor = None
-        self._record: dict | None = None
         self.reset_parameters()
 
     def _resolve_padding(self, padding) -> tuple[int, int]:
@@ -181,8 +181,7 @@ class SparseMoEConv2d(nn.Module):
                     "construct it with router='per_layer', or use advmoe.nn.frozen_routing"
                 )
             routing = top_k_routing(self.router(x), self.top_k, score=self.gate_score)
-            if self._record is not None:
-                self._record["router"] = routing
+            report_routing(self, router=routing)
         if routing.expert_idx.shape != (batch, self.top_k):
             raise ValueError(
                 f"routing.expert_idx has shape {tuple(routing.expert_idx.shape)}, expected (B, top_k) = "
@@ -205,8 +204,7 @@ class SparseMoEConv2d(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             raise ValueError(f"x must be a (B, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
         expert_idx, gate = self.route(x, routing)
-        if self._record is not None:
-            self._record["expert_idx"] = expert_idx.detach()
+        report_routing(self, expert_idx=expert_idx)
         if self.track_usage:
             with torch.no_grad():
                 ones = torch.ones(1, dtype=torch.int64, device=x.device).expand(expert_idx.numel())

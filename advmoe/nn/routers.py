@@ -19,9 +19,22 @@ from torch import nn
 
 
 class Router(nn.Module):
-    """Base class of all routers: ``forward(x) -> (B, E)`` scores. ``num_experts`` says E."""
+    """Base class of all routers: ``forward(x) -> (B, E)`` scores. ``num_experts`` says E.
+
+    Args:
+        num_experts: E, checked to be a positive int and stored; None leaves setting it to the subclass.
+        in_channels: channels of the router's input, checked to be a positive int when given.
+    """
 
     num_experts: int
+
+    def __init__(self, num_experts: int | None = None, in_channels: int | None = None):
+        super().__init__()
+        if num_experts is not None:
+            _check_positive(num_experts, "num_experts")
+            self.num_experts = num_experts
+        if in_channels is not None:
+            _check_positive(in_channels, "in_channels")
 
 
 class RouterInputNorm(nn.Module):
@@ -161,10 +174,7 @@ class ResearchRouter(Router):
         num_blocks: tuple[int, int, int] = (3, 3, 3),
         input_norm: bool = True,
     ):
-        super().__init__()
-        _check_positive(num_experts, "num_experts")
-        _check_positive(in_channels, "in_channels")
-        self.num_experts = num_experts
+        super().__init__(num_experts, in_channels)
         self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         in_planes = 16
@@ -203,10 +213,7 @@ class ImageRouter(Router):
     """
 
     def __init__(self, num_experts: int, in_channels: int = 3, input_norm: bool = True):
-        super().__init__()
-        _check_positive(num_experts, "num_experts")
-        _check_positive(in_channels, "in_channels")
-        self.num_experts = num_experts
+        super().__init__(num_experts, in_channels)
         self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False)
@@ -236,10 +243,7 @@ class PerLayerRouter(Router):
     """
 
     def __init__(self, in_channels: int, num_experts: int, device=None, dtype=None, input_norm: bool = True):
-        super().__init__()
-        _check_positive(in_channels, "in_channels")
-        _check_positive(num_experts, "num_experts")
-        self.num_experts = num_experts
+        super().__init__(num_experts, in_channels)
         self.input_norm = RouterInputNorm(in_channels, device=device) if input_norm else None
         self.fc = nn.Linear(in_channels, num_experts, device=device, dtype=dtype)
         nn.init.zeros_(self.fc.bias)  # no expert preferred before training (the weight keeps nn.Linear's init)

@@ -8,11 +8,10 @@ A study file (``study.yaml``) has the sections ``base`` (an ``advmoe.train`` exp
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
-from advmoe._config import load_yaml
+from advmoe._config import deep_merge, load_yaml
 from advmoe.train.config import ExperimentConfig
 
 __all__ = [
@@ -42,17 +41,6 @@ KNOWN_STATISTICS = {
 _SECTIONS = ("base", "arms", "eval", "comparisons", "statistics", "profiles")
 _EVAL_KEYS = {"eps", "metrics", "autoattack", "test_samples", "research_pgd", "pgd", "batch_size"}
 _PROFILE_KEYS = {"seeds", "jobs", "config", "eval"}
-
-
-def deep_merge(base: dict[str, Any], update: dict[str, Any] | None) -> dict[str, Any]:
-    """A copy of ``base`` with ``update`` merged in (nested dicts merged key by key)."""
-    out = copy.deepcopy(base)
-    for key, value in (update or {}).items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def _known(kind: str, names, known) -> None:

@@ -1,8 +1,9 @@
 """Plumbing that hands a model-level routing decision down to every MoE layer, explicitly.
 
-``RoutedModel`` is the base class of every zoo model: it holds the optional input normalisation and the
-optional model-level router, and ``route(x)`` turns the router's scores into a ``Routing`` that the
-model's forward passes down through ``RoutedSequential`` containers and ``takes_routing`` blocks.
+``RoutedModel`` is the base class of every zoo model: it holds the optional input normalisation module
+(``advmoe.models.common.Normalize`` in the zoo) and the optional model-level router, and ``route(x)`` turns
+the router's scores into a ``Routing`` that the model's forward passes down through ``RoutedSequential``
+containers and ``takes_routing`` blocks.
 """
 
 from __future__ import annotations
@@ -12,28 +13,7 @@ from torch import nn
 
 from advmoe.nn.routers import Router
 from advmoe.nn.routing import GATE_SCORES, Routing, top_k_routing
-
-
-class Normalize(nn.Module):
-    """``(x - mean) / std`` per channel, with mean and std as buffers (names match the research code).
-
-    Args:
-        mean: per-channel means (C,).
-        std: per-channel standard deviations (C,), all > 0.
-    """
-
-    def __init__(self, mean, std):
-        super().__init__()
-        mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
-        std = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
-        if mean.shape != std.shape or (std <= 0).any():
-            raise ValueError(f"normalize needs mean and std of equal length with std > 0, got {mean}, {std}")
-        self.register_buffer("mean", mean)
-        self.register_buffer("std", std)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, C, H, W) -> normalised (B, C, H, W)."""
-        return (x - self.mean[None, :, None, None].to(x.dtype)) / self.std[None, :, None, None].to(x.dtype)
+from advmoe.nn.routing_record import report_routing
 
 
 class RoutedSequential(nn.Sequential):
@@ -50,8 +30,15 @@ class RoutedSequential(nn.Sequential):
 class RoutedModel(nn.Module):
     """Base of the zoo models: normalisation buffers, optional model-level router, ``route()``.
 
+    Args:
+        normalize: the input normalisation module (the zoo's ``advmoe.models.common.Normalize``, with ``mean`` and
+            ``std`` buffers of C values) or None.
+        router: a model-level ``Router`` or None.
+        top_k: experts per sample chosen from the model-level router.
+        gate_score: "softmax" or "logits" (see ``advmoe.nn.top_k_routing``).
+
     Attributes:
-        normalize: a ``Normalize`` or None.
+        normalize: the input normalisation module or None.
         router: a model-level ``Router`` or None (dense models and per-layer routing).
         top_k: experts per sample chosen from the model-level router.
         gate_score: what the straight-through gate's gradient flows into ("softmax" or "logits"; see
@@ -59,17 +46,27 @@ class RoutedModel(nn.Module):
         config: the ``create_model`` arguments that rebuild this model (set by the registry).
     """
 
-    def __init__(self, normalize=None, router: Router | None = None, top_k: int = 1, gate_score: str = "softmax"):
+    def __init__(
+        self,
+        normalize: nn.Module | None = None,
+        router: Router | None = None,
+        top_k: int = 1,
+        gate_score: str = "softmax",
+    ):
         super().__init__()
         if gate_score not in GATE_SCORES:
             raise ValueError(f"gate_score must be one of {GATE_SCORES}, got {gate_score!r}")
+        if normalize is not None and not isinstance(normalize, nn.Module):
+            raise ValueError(
+                f"normalize must be an nn.Module (e.g. advmoe.models.common.Normalize(mean, std)) or None, "
+                f"got {type(normalize).__name__}"
+            )
         self.gate_score = gate_score
-        self.normalize = Normalize(*normalize) if normalize is not None else None
+        self.normalize = normalize
         self.router = router
         self.top_k = top_k
         self.routing_frozen = False
         self.config: dict = {}
-        self._record: dict | None = None
 
     def prepare(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing | None]:
         """Checks the input, normalises it and routes it.
@@ -93,6 +90,5 @@ class RoutedModel(nn.Module):
         if self.router is None or self.routing_frozen:
             return None
         routing = top_k_routing(self.router(x), self.top_k, score=self.gate_score)
-        if self._record is not None:
-            self._record["router"] = routing
+        report_routing(self, router=routing)
         return routing
