@@ -95,3 +95,49 @@ def test_gate_score_is_recorded_and_imports_use_logits():
 def test_unknown_gate_score_lists_the_known_ones(build):
     with pytest.raises(ValueError, match="softmax.*logits"):
         build()
+
+
+def test_gate_gradient_context_switches_the_straight_through_term():
+    from advmoe.nn import gate_gradient, top_k_routing
+
+    logits = torch.randn(5, 3, requires_grad=True)
+    assert top_k_routing(logits, 1).gate.requires_grad
+    with gate_gradient(False):
+        off = top_k_routing(logits, 2, score="logits")
+        with gate_gradient(True):
+            assert top_k_routing(logits, 1).gate.requires_grad  # nested contexts restore on exit
+        assert not top_k_routing(logits, 1).gate.requires_grad
+    assert not off.gate.requires_grad and off.gate.shape == (5, 2) and bool((off.gate == 1).all())
+    assert top_k_routing(logits, 1).gate.requires_grad
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        with gate_gradient(1):
+            pass
+
+
+@pytest.mark.parametrize("router", ["image", "per_layer"])
+def test_attacks_follow_the_models_true_gradient(router):
+    """Inside an attack the input gradient is the model's own (routing constant), not the estimator's."""
+    from advmoe.attacks._common import frozen_params, input_grad
+    from advmoe.nn import forward_with_aux, frozen_routing
+
+    torch.manual_seed(0)
+    model = create_model(
+        "resnet10_mini", num_experts=2, ratio=0.5, router=router, in_channels=1, gate_score="logits"
+    ).eval()
+    x, y = torch.rand(6, 1, 16, 16), torch.arange(6) % 10
+
+    def grad_of_loss(x_in):
+        x_in = x_in.clone().requires_grad_(True)
+        return input_grad(F.cross_entropy(model(x_in), y), x_in)
+
+    with torch.no_grad():
+        routing = forward_with_aux(model, x)[1].routing
+    with torch.enable_grad():
+        with frozen_routing(model, routing):
+            true = grad_of_loss(x)  # routing held at the clean choice: the model's gradient at x
+        with frozen_params(model):
+            attack = grad_of_loss(x)
+        with frozen_params(model, gate_gradient=True):
+            estimator = grad_of_loss(x)
+    torch.testing.assert_close(attack, true)
+    assert not torch.allclose(estimator, true, atol=1e-6)

@@ -51,16 +51,21 @@ def check_attack_args(
 
 
 @contextlib.contextmanager
-def frozen_params(model: nn.Module) -> Iterator[None]:
-    """Inside: no parameter requires grad (attacks need only input gradients) and the model's train/eval
-    mode is watched. On exit every parameter's ``requires_grad`` and every module's mode are restored."""
+def frozen_params(model: nn.Module, gate_gradient: bool = False) -> Iterator[None]:
+    """Inside: no parameter requires grad (attacks need only input gradients), the model's train/eval
+    mode is watched, and MoE gates carry no straight-through gradient unless ``gate_gradient``
+    (``advmoe.nn.gate_gradient``: the estimator's term is not the model's gradient and masks attacks). On
+    exit every parameter's ``requires_grad``, every module's mode and the gate setting are restored."""
+    from advmoe.nn.routing import gate_gradient as gate_context
+
     params = list(model.parameters())
     saved = [p.requires_grad for p in params]
     modes = [(m, m.training) for m in model.modules()]
     try:
         for p in params:
             p.requires_grad_(False)
-        yield
+        with gate_context(gate_gradient):
+            yield
     finally:
         for p, req in zip(params, saved, strict=True):
             p.requires_grad_(req)

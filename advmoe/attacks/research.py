@@ -59,5 +59,6 @@ def research_attack(
         return loss
 
     start = x + 0.001 * torch.randn_like(x)  # research line 49: the start is not clipped
-    with frozen_params(model):
+    # the research code's attack differentiates through its straight-through GetMask gate; kept, to follow it
+    with frozen_params(model, gate_gradient=True):
         return ascend(objective, x, start, eps, alpha, steps, "linf")

@@ -4,7 +4,8 @@ Where things live:
 
 - ``moe_conv``: ``SparseMoEConv2d``, a drop-in for ``nn.Conv2d`` running on ``moe_kernels.sparse_moe_conv2d``.
 - ``routers``: the router modules (``ResearchRouter``, ``ImageRouter``, ``PerLayerRouter``, base ``Router``).
-- ``routing``: the ``Routing`` decision record, ``top_k_routing`` (straight-through gate), the balance losses.
+- ``routing``: the ``Routing`` decision record, ``top_k_routing`` (straight-through gate), ``gate_gradient`` (the gate's
+  gradient on or off: attacks run with it off), the balance losses.
 - ``routed_model``: ``RoutedModel`` (base of the zoo models) and ``RoutedSequential``, which hand a model-level
   routing down to the MoE layers.
 - ``routing_record``: ``record_routing``, the explicit context the layers report their decisions to;
@@ -21,7 +22,7 @@ from advmoe.nn.moe_conv import SparseMoEConv2d
 from advmoe.nn.parameter_groups import expert_parameters, router_parameters
 from advmoe.nn.routed_model import RoutedModel, RoutedSequential
 from advmoe.nn.routers import PerLayerRouter, ResearchRouter, Router
-from advmoe.nn.routing import GATE_SCORES, Routing, load_balance_loss, top_k_routing
+from advmoe.nn.routing import GATE_SCORES, Routing, gate_gradient, load_balance_loss, top_k_routing
 from advmoe.nn.routing_record import record_routing
 from advmoe.nn.structure import is_moe, moe_layers, num_pathways
 
@@ -39,6 +40,7 @@ __all__ = [
     "expert_parameters",
     "forward_with_aux",
     "frozen_routing",
+    "gate_gradient",
     "is_moe",
     "load_balance_loss",
     "moe_layers",
