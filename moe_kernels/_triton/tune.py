@@ -106,16 +106,17 @@ def time_kind(kind, cfg, args, grad_out) -> float:
     import triton.testing
 
     from moe_kernels._triton import launcher, tuning
+    from moe_kernels.call import ConvCall
 
     x, weight, idx, gate, bias = args
-    call = (x, weight, idx, EXPERTS, gate, bias, STRIDE, (1, 1), (1, 1))
+    call = ConvCall(x, weight, idx, EXPERTS, gate, bias, STRIDE, (1, 1), (1, 1))
     with tuning.forced_configs({kind: cfg}):
         if kind == "fwd":
-            fn = lambda: launcher.conv_forward(*call)  # noqa: E731
+            fn = lambda: launcher.conv_forward(call)  # noqa: E731
         elif kind == "dgrad":
-            fn = lambda: launcher.conv_backward(grad_out, *call, (True, False, False, True))  # noqa: E731
+            fn = lambda: launcher.conv_backward(grad_out, call, (True, False, False, True))  # noqa: E731
         else:
-            fn = lambda: launcher.conv_backward(grad_out, *call, (False, True, True, False))  # noqa: E731
+            fn = lambda: launcher.conv_backward(grad_out, call, (False, True, True, False))  # noqa: E731
         return 1000.0 * triton.testing.do_bench(fn, warmup=10, rep=40)
 
 
