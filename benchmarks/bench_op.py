@@ -48,6 +48,7 @@ from _timing import device_description, device_slug, time_interleaved  # noqa: E
 
 import moe_kernels  # noqa: E402
 from moe_kernels import sparse_moe_conv2d  # noqa: E402
+from moe_kernels._triton.tune import TUNE_SHAPES  # noqa: E402
 from moe_kernels.graph_timing import capture_cuda_graph, graph_replay_ms  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -69,13 +70,7 @@ class Shape:
     kernel: int = 3
 
 
-SHAPES = {
-    "c64w64@32": Shape("c64w64@32", 64, 64, 32),
-    "r18.l1": Shape("r18.l1", 64, 32, 32),  # ResNet-18 CIFAR layer shapes, r = 0.5, E = 2
-    "r18.l2": Shape("r18.l2", 128, 64, 16),
-    "r18.l3": Shape("r18.l3", 256, 128, 8),
-    "r18.l4": Shape("r18.l4", 512, 256, 4),
-}
+SHAPES = {name: Shape(name, c_in, width, size) for name, (c_in, width, size) in TUNE_SHAPES.items()}  # E = 2, k = 1
 QUICK_SHAPE = Shape("quick", 8, 4, 8, experts=3)
 
 

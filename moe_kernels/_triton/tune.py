@@ -29,7 +29,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
-# name -> (C_in, expert width, image side): the op benchmark's shapes (benchmarks/bench_op.py; E = 2, k = 1, 3x3).
+# name -> (C_in, expert width, image side), E = 2, k = 1, 3x3: the five benchmark shapes (c64w64@32 and the
+# ResNet-18 CIFAR layers at r = 0.5), also those of benchmarks/bench_op.py and bench_slim.
 TUNE_SHAPES = {
     "c64w64@32": (64, 64, 32),
     "r18.l1": (64, 32, 32),
