@@ -47,6 +47,8 @@ import moe_kernels  # noqa: E402
 from advmoe.bench.timing import device_description, device_slug
 from advmoe.bench.timing import median_ms as time_interleaved
 from moe_kernels import sparse_moe_conv2d  # noqa: E402
+from moe_kernels._triton.tune import TUNE_SHAPES  # noqa: E402
+from moe_kernels.graph_timing import capture_cuda_graph, graph_replay_ms  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 H200 = {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12, "bytes_per_s": 4.8e12}  # dense peaks; fp32 = TF32
@@ -67,13 +69,7 @@ class Shape:
     kernel: int = 3
 
 
-SHAPES = {
-    "c64w64@32": Shape("c64w64@32", 64, 64, 32),
-    "r18.l1": Shape("r18.l1", 64, 32, 32),  # ResNet-18 CIFAR layer shapes, r = 0.5, E = 2
-    "r18.l2": Shape("r18.l2", 128, 64, 16),
-    "r18.l3": Shape("r18.l3", 256, 128, 8),
-    "r18.l4": Shape("r18.l4", 512, 256, 4),
-}
+SHAPES = {name: Shape(name, c_in, width, size) for name, (c_in, width, size) in TUNE_SHAPES.items()}  # E = 2, k = 1
 QUICK_SHAPE = Shape("quick", 8, 4, 8, experts=3)
 
 
@@ -170,27 +166,10 @@ def _max_error(shape: Shape, t: dict, dtype, backends: list[str]) -> dict:
 def _graph_ms(fn) -> tuple[float | None, str | None]:
     """Device ms per call from a CUDA graph of GRAPH_CALLS calls replayed GRAPH_REPLAYS times (median / calls)."""
     try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(GRAPH_CALLS):
-                fn()
+        graph = capture_cuda_graph(fn, GRAPH_CALLS)
     except Exception as err:  # a host read inside the candidate makes capture fail
         return None, f"{type(err).__name__}: {str(err)[:200]}"
-    times = []
-    for _ in range(GRAPH_REPLAYS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / GRAPH_CALLS)
-    return statistics.median(times), None
+    return graph_replay_ms(graph, GRAPH_CALLS, GRAPH_REPLAYS), None
 
 
 def _profile_counts(fn, device) -> dict:

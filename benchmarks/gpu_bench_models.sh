@@ -9,6 +9,7 @@
 # No compiled extension is needed: the pathway/grouped/per-layer forms run on cuDNN convolutions; layer mode
 # of the research model uses the op's reference backend here (sparse[...] rows are not run).
 # Usage (repository root, on the GPU machine):  BUDGET_S=480 OUT=/some/dir bash benchmarks/gpu_bench_models.sh
+# DRY_RUN=1 prints each step's command instead (checkable on a CPU machine; steps: scripts/gpu_steps.sh).
 # Each step logs to $OUT/logs/<step>.log; results under $OUT/<dtype>_<execution>[_<router>]/models_bench.*;
 # $OUT/summary.txt lists PASS/FAIL/SKIP with seconds per step; $OUT/claims.json holds the GPU claims.
 # Steps never stop the script and are skipped once the budget is spent (highest priority first).
@@ -16,7 +17,8 @@ set -u -o pipefail
 set -f  # no globbing: variant names such as deployed[pathway] are passed as they are
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-${1:-/tmp/gpu_bench_models}}
-mkdir -p "$OUT/logs"
+LOG_DIR="$OUT/logs"
+mkdir -p "$LOG_DIR"
 PY=${PYTHON:-python3}
 T_END=$((SECONDS + ${BUDGET_S:-480}))
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -24,20 +26,9 @@ SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
 MODELS="resnet18_cifar wrn_28_10_cifar vgg16_bn"
 VARIANTS="dense deployed deployed[pathway] deployed[grouped] deployed[layer] ideal router"
-
-step() {  # step NAME LIMIT_S CMD...: run with min(LIMIT, time left - 10 s), log, record, never fail
-  local name=$1 limit=$2 left rc t0=$SECONDS
-  shift 2
-  left=$((T_END - SECONDS - 10))
-  ((left < limit)) && limit=$left
-  if ((limit < 15)); then echo "SKIP $name (budget spent)" | tee -a "$SUMMARY"; return 0; fi
-  timeout --kill-after=5 "$limit" "$@" >"$OUT/logs/$name.log" 2>&1
-  rc=$?
-  tail -n 4 "$OUT/logs/$name.log"
-  if ((rc == 0)); then echo "PASS $name ($((SECONDS - t0)) s)" | tee -a "$SUMMARY"
-  else echo "FAIL $name rc=$rc ($((SECONDS - t0)) s; limit $limit s)" | tee -a "$SUMMARY"; fi
-  return 0
-}
+STEP_MARGIN_S=10 STEP_MIN_S=15 STEP_TAIL=4
+# shellcheck source=scripts/gpu_steps.sh
+source scripts/gpu_steps.sh
 
 bench() {  # bench NAME LIMIT DTYPE EXECUTION ROUTER [extra bench args...]
   local name=$1 limit=$2 dtype=$3 execution=$4 router=$5
@@ -48,11 +39,7 @@ bench() {  # bench NAME LIMIT DTYPE EXECUTION ROUTER [extra bench args...]
     --out "$OUT/${dtype}_${execution}_${router}" "$@"
 }
 
-# Packages the GPU image may lack (fvcore for FLOPs, tqdm), carried as wheels in .whl/.
-if ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-fi
+install_wheels
 { nvidia-smi -L; git rev-parse HEAD; git status --short | head -5
   $PY -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"; } 2>&1 \
   | tee "$OUT/logs/env.log"

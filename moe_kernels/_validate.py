@@ -7,10 +7,14 @@ index outside its tensors.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from moe_kernels.geometry import output_hw
+
+if TYPE_CHECKING:
+    from moe_kernels.call import ConvCall
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -32,27 +36,14 @@ def pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     return (items[0], items[1])
 
 
-def check_sparse_moe_conv2d_args(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    expert_idx: torch.Tensor,
-    num_experts: int,
-    gate: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    dilation: tuple[int, int],
-) -> tuple[int, int]:
+def check_sparse_moe_conv2d_args(call: ConvCall) -> tuple[int, int]:
     """Validates the op's arguments and returns the output spatial size ``(H_out, W_out)``.
 
     Args:
-        x: (B, C_in, H, W) floating point input.
-        weight: (E * w, C_in, kh, kw) expert weights, rows ``[e*w, (e+1)*w)`` belong to expert e.
-        expert_idx: (B, k) int64 (or int32) expert indices in ``[0, E)``.
-        num_experts: E, a positive int that divides ``weight.shape[0]``.
-        gate: (B, k) floating point gates, or None.
-        bias: (E * w,) bias, or None.
-        stride, padding, dilation: pairs of ints.
+        call: the arguments (``plan`` is not looked at): x (B, C_in, H, W) floating point; weight
+            (E * w, C_in, kh, kw) in x's dtype; expert_idx (B, k) int64 (or int32); num_experts E, a positive
+            int that divides ``weight.shape[0]``; gate (B, k) floating point or None; bias (E * w,) in x's
+            dtype or None; stride, padding, dilation pairs of ints.
 
     Only shapes, dtypes and devices are checked here, so the check traces under torch.compile and
     torch.export; the index values are checked by ``moe_kernels.plan.check_expert_idx_values`` when the plan is built
@@ -62,6 +53,9 @@ def check_sparse_moe_conv2d_args(
         TypeError: an argument has the wrong type or dtype.
         ValueError: an argument has the wrong shape or value, or tensors sit on different devices.
     """
+    x, weight, expert_idx, num_experts, gate, bias = (call.x, call.weight, call.expert_idx, call.num_experts,
+                                                      call.gate, call.bias)  # fmt: skip
+    stride, padding, dilation = call.stride, call.padding, call.dilation
     for name, t in (("x", x), ("weight", weight), ("expert_idx", expert_idx)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

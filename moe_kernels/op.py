@@ -15,6 +15,7 @@ import torch
 
 from moe_kernels._validate import check_sparse_moe_conv2d_args, pair
 from moe_kernels.backends import backend_uses_plan, get_backend, resolve_backend
+from moe_kernels.call import ConvCall
 from moe_kernels.geometry import output_hw, output_memory_format
 from moe_kernels.plan import RoutingPlan, check_expert_idx_values
 
@@ -41,6 +42,13 @@ def _plan_for(plan: Sequence[torch.Tensor], expert_idx: torch.Tensor, num_expert
     return None
 
 
+def _call(x, weight, expert_idx, gate, bias, num_experts, stride, padding, dilation, backend, plan) -> ConvCall:
+    """The backend's ``ConvCall`` from the registered ops' arguments (in their schema order), with its plan."""
+    routing_plan = _plan_for(plan, expert_idx, num_experts, backend)
+    conv = (tuple(stride), tuple(padding), tuple(dilation))
+    return ConvCall(x, weight, expert_idx, num_experts, gate, bias, *conv, routing_plan)
+
+
 # x: (B, C_in, H, W); weight: (E*w, C_in, kh, kw); expert_idx: (B, k); gate: (B, k); bias: (E*w,);
 # plan: [] or [sample (B*k,), slot (B*k,), counts (E,), offsets (E+1,)] -> (B, k*w, H_out, W_out)
 @torch.library.custom_op("moe_kernels::sparse_moe_conv2d", mutates_args=())
@@ -60,13 +68,12 @@ def _sparse_moe_conv2d_op(
 ) -> torch.Tensor:
     # The indices are checked when the plan is built (or here for the compiled cpu/cuda backends, whose
     # kernels check again), so a bad index from Python is an error before any compiled code runs.
-    routing_plan = _plan_for(plan, expert_idx, num_experts, backend)
+    call = _call(x, weight, expert_idx, gate, bias, num_experts, stride, padding, dilation, backend, plan)
     forward, _ = get_backend(backend)
     # Gradients come from the explicit backward op: the kernels' internal aten calls must not record autograd
     # (they would try to save inference-mode tensors under torch.inference_mode()).
     with torch.no_grad():
-        y = forward(x, weight, expert_idx, num_experts, gate, bias, tuple(stride), tuple(padding), tuple(dilation),
-                    plan=routing_plan)  # fmt: skip
+        y = forward(call)
     if activation == "relu":
         y = torch.relu_(y) if not y.requires_grad else torch.relu(y)
     y = y.contiguous(memory_format=output_memory_format(x))
@@ -99,13 +106,10 @@ def _sparse_moe_conv2d_backward_op(
     needs: Sequence[bool],
     plan: Sequence[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    routing_plan = _plan_for(plan, expert_idx, num_experts, backend)
+    call = _call(x, weight, expert_idx, gate, bias, num_experts, stride, padding, dilation, backend, plan)
     _, backward = get_backend(backend)
     with torch.no_grad():
-        grads = backward(
-            grad_out, x, weight, expert_idx, num_experts, gate, bias,
-            tuple(stride), tuple(padding), tuple(dilation), tuple(bool(n) for n in needs), plan=routing_plan,
-        )  # fmt: skip
+        grads = backward(grad_out, call, tuple(bool(n) for n in needs))
     like = (x, weight, bias, gate)
     return tuple(
         x.new_empty(0) if g is None else g.contiguous().to(ref.dtype) for g, ref in zip(grads, like, strict=True)
@@ -191,7 +195,7 @@ def sparse_moe_conv2d(
         moe_kernels.BackendUnavailable: the named backend is not built here (the message says how).
     """
     stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
-    check_sparse_moe_conv2d_args(x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation)
+    check_sparse_moe_conv2d_args(ConvCall(x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation))
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
     if not isinstance(backend, str):

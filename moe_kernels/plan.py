@@ -86,6 +86,23 @@ def check_expert_idx_values(expert_idx: torch.Tensor, num_experts: int, check: s
     torch._assert_async(in_range, f"expert_idx values must be in [0, {num_experts})")
 
 
+def sort_slots(expert_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The B*k routing slots sorted by expert (stable) and counted per expert, on the device, no host read.
+
+    Args:
+        expert_idx: (B, k) integer expert indices in ``[0, num_experts)`` (not checked here).
+        num_experts: E.
+
+    Returns:
+        order (B*k,) int64 flat slot indices ``b*k + j`` in expert order, counts (E,) int64.
+    """
+    flat = expert_idx.reshape(-1).to(torch.int64)
+    order = torch.sort(flat, stable=True).indices
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))  # bincount would read its max on the host
+    return order, counts
+
+
 class RoutingPlan:
     """The routing slots of one batch grouped by expert, with everything the backends derive from it.
 
@@ -139,10 +156,7 @@ class RoutingPlan:
             raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
         check_expert_idx_values(expert_idx, num_experts, check)
         batch, top_k = expert_idx.shape
-        flat = expert_idx.reshape(-1).to(torch.int64)
-        order = torch.sort(flat, stable=True).indices
-        counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
-        counts.scatter_add_(0, flat, torch.ones_like(flat))  # bincount would read its max on the host
+        order, counts = sort_slots(expert_idx, num_experts)
         offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
         return cls(batch, top_k, num_experts, order, order // top_k, order % top_k, counts, offsets, expert_idx)
 

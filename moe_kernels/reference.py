@@ -2,7 +2,10 @@
 
 It sorts the routing slots by expert, runs one dense convolution per expert on that expert's samples
 and scatters the results into the compact output. Every other backend is tested against it, and it is
-the fallback when no compiled backend is present.
+the fallback when no compiled backend is present. ``sparse_moe_conv2d_ref`` /
+``sparse_moe_conv2d_backward_ref`` take the op's arguments one by one; ``forward`` / ``backward`` are the
+backend entry points on a ``ConvCall``; ``expert_grads`` is the per-expert backward step, shared with the
+``slices`` backend.
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moe_kernels.geometry import needed_grads, output_hw
+from moe_kernels.call import ConvCall
+from moe_kernels.geometry import needed_grads
 from moe_kernels.plan import RoutingPlan
 
 Pair = tuple[int, int]
@@ -44,19 +48,7 @@ def sparse_moe_conv2d_ref(
     Returns:
         (B, k * w, H_out, W_out): ``y[b, j*w:(j+1)*w] = gate[b, j] * conv(x[b], expert expert_idx[b, j])``.
     """
-    batch, top_k = expert_idx.shape
-    width = weight.shape[0] // num_experts
-    groups = plan if plan is not None else RoutingPlan.build(expert_idx, num_experts)
-    h_out, w_out = output_hw(x, weight, stride, padding, dilation)
-    out = x.new_zeros(batch, top_k, width, h_out, w_out)
-    for e, start, end in groups.ranges():
-        rows = slice(e * width, (e + 1) * width)
-        sample, slot = groups.sample[start:end], groups.slot[start:end]
-        y = F.conv2d(x[sample], weight[rows], None if bias is None else bias[rows], stride, padding, dilation)
-        out = out.index_put((sample, slot), y)
-    if gate is not None:
-        out = out * gate.to(out.dtype)[:, :, None, None, None]
-    return out.reshape(batch, top_k * width, h_out, w_out)
+    return forward(ConvCall(x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation, plan))
 
 
 def sparse_moe_conv2d_backward_ref(
@@ -88,41 +80,93 @@ def sparse_moe_conv2d_backward_ref(
     Returns:
         (grad_x (B, C_in, H, W), grad_weight (E*w, C_in, kh, kw), grad_bias (E*w,), grad_gate (B, k)).
     """
-    need_x, need_w, need_b, need_g = needed_grads(needs, bias, gate)
-    batch, top_k = expert_idx.shape
-    width = weight.shape[0] // num_experts
+    call = ConvCall(x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation, plan)
+    return backward(grad_out, call, needs)
+
+
+def forward(call: ConvCall) -> torch.Tensor:
+    """Backend forward (see ``sparse_moe_conv2d_ref``): (B, k * w, H_out, W_out)."""
+    x, weight, bias = call.x, call.weight, call.bias
+    batch, top_k, width = call.batch, call.top_k, call.width
+    groups = call.routing_plan()
+    h_out, w_out = call.out_hw
+    out = x.new_zeros(batch, top_k, width, h_out, w_out)
+    for e, start, end in groups.ranges():
+        rows = slice(e * width, (e + 1) * width)
+        sample, slot = groups.sample[start:end], groups.slot[start:end]
+        y = F.conv2d(x[sample], weight[rows], None if bias is None else bias[rows], call.stride, call.padding,
+                     call.dilation)  # fmt: skip
+        out = out.index_put((sample, slot), y)
+    if call.gate is not None:
+        out = out * call.gate.to(out.dtype)[:, :, None, None, None]
+    return out.reshape(batch, top_k * width, h_out, w_out)
+
+
+def backward(
+    grad_out: torch.Tensor, call: ConvCall, needs: tuple[bool, bool, bool, bool]
+) -> tuple[torch.Tensor | None, ...]:
+    """Backend backward (see ``sparse_moe_conv2d_backward_ref``): (grad_x, grad_weight, grad_bias, grad_gate)."""
+    need_x, need_w, need_b, need_g = needed_grads(needs, call.bias, call.gate)
+    batch, top_k, width = call.batch, call.top_k, call.width
     grad_slots = grad_out.reshape(batch, top_k, width, *grad_out.shape[2:])
-    groups = plan if plan is not None else RoutingPlan.build(expert_idx, num_experts)
-    grad_x = torch.zeros_like(x, memory_format=torch.contiguous_format) if need_x else None
-    grad_w = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_w else None
-    grad_b = torch.zeros_like(bias) if need_b else None
-    grad_g = torch.zeros(batch, top_k, dtype=gate.dtype, device=x.device) if need_g else None
+    groups = call.routing_plan()
+    grad_x, grad_w, grad_b, grad_g = call.zero_grads(needs)
     for e, start, end in groups.ranges():
         rows = slice(e * width, (e + 1) * width)
         sample, slot = groups.sample[start:end], groups.slot[start:end]
         g = grad_slots[sample, slot]  # (n_e, w, H_out, W_out)
-        x_e, w_e = x[sample], weight[rows]
-        g_scaled = g if gate is None else g * gate[sample, slot].to(g.dtype)[:, None, None, None]
-        if need_w or need_b:
-            _, gw, gb = torch.ops.aten.convolution_backward(
-                g_scaled, x_e, w_e, [width], stride, padding, dilation, False, [0, 0], 1, [False, need_w, need_b]
-            )
-            if need_w:
-                grad_w[rows] += gw
-            if need_b:
-                grad_b[rows] += gb
-        if need_x or need_g:
-            gx_unscaled = torch.ops.aten.convolution_backward(
-                g, x_e, w_e, None, stride, padding, dilation, False, [0, 0], 1, [True, False, False]
-            )[0]
-            if need_g:
-                acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-                dot = (gx_unscaled.to(acc) * x_e.to(acc)).sum((1, 2, 3))
-                if bias is not None:
-                    dot = dot + (g.to(acc).sum((2, 3)) * bias[rows].to(acc)).sum(1)
-                grad_g[sample, slot] = dot.to(grad_g.dtype)
-            if need_x:
-                if gate is not None:
-                    gx_unscaled = gx_unscaled * gate[sample, slot].to(gx_unscaled.dtype)[:, None, None, None]
-                grad_x.index_add_(0, sample, gx_unscaled)
+        gate_e = None if call.gate is None else call.gate[sample, slot].to(g.dtype)[:, None, None, None]
+        gx, gw, gb, gate_dot = expert_grads(call, rows, g, call.x[sample], gate_e, need_x, need_w, need_b, need_g)
+        if need_w:
+            grad_w[rows] += gw
+        if need_b:
+            grad_b[rows] += gb
+        if need_g:
+            grad_g[sample, slot] = gate_dot.to(grad_g.dtype)
+        if need_x:
+            grad_x.index_add_(0, sample, gx)
     return grad_x, grad_w, grad_b, grad_g
+
+
+def expert_grads(
+    call: ConvCall,
+    rows: slice,
+    g: torch.Tensor,
+    x_e: torch.Tensor,
+    gate_e: torch.Tensor | None,
+    need_x: bool,
+    need_w: bool,
+    need_b: bool,
+    need_g: bool,
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients from one expert's run of n routing slots (``aten.convolution_backward``, adjoint gate gradient).
+
+    Args:
+        call: the op call (weight, bias, stride, padding, dilation are used).
+        rows: the expert's rows of weight and bias.
+        g: (n, w, H_out, W_out) gradient of the run's outputs, not scaled by the gate.
+        x_e: (n, C_in, H, W) the run's samples.
+        gate_e: (n, 1, 1, 1) the run's gates in g's dtype, or None.
+        need_x, need_w, need_b, need_g: which gradients to compute.
+
+    Returns:
+        (grad_x_e (n, C_in, H, W) gate-scaled, grad_weight_e (w, C_in, kh, kw), grad_bias_e (w,),
+        grad_gate_e (n,) in fp32, fp64 for fp64 inputs), None where not needed.
+    """
+    w_e = call.weight[rows]
+    conv = (call.stride, call.padding, call.dilation, False, [0, 0], 1)
+    gx = gw = gb = gate_dot = None
+    if need_w or need_b:
+        g_scaled = g if gate_e is None else g * gate_e
+        _, gw, gb = torch.ops.aten.convolution_backward(g_scaled, x_e, w_e, [w_e.shape[0]], *conv,
+                                                        [False, need_w, need_b])  # fmt: skip
+    if need_x or need_g:
+        gx = torch.ops.aten.convolution_backward(g, x_e, w_e, None, *conv, [True, False, False])[0]
+        if need_g:
+            acc = torch.float64 if call.x.dtype == torch.float64 else torch.float32
+            gate_dot = (gx.to(acc) * x_e.to(acc)).sum((1, 2, 3))
+            if call.bias is not None:
+                gate_dot = gate_dot + (g.to(acc).sum((2, 3)) * call.bias[rows].to(acc)).sum(1)
+        if gate_e is not None and need_x:
+            gx = gx * gate_e.to(gx.dtype)
+    return (gx if need_x else None), gw, gb, gate_dot

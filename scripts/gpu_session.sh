@@ -2,55 +2,47 @@
 # Every GPU check of the project in ONE call on a lent GPU machine (torch with CUDA, nvcc and
 # compute-sanitizer installed; no network), inside a fixed time budget:
 #   build the extensions (CPU + CUDA) | torch-free CUDA kernel test, plain and under compute-sanitizer
-#   memcheck/racecheck | GPU tests (pytest -m cuda) | memcheck over torch-level CUDA and Triton calls |
-#   op benchmark v2 (bf16, fp32/TF32; B = 256 and 32) | model benchmark (ResNet-18) | claims.json.
+#   memcheck/racecheck | GPU tests (pytest -m cuda, the whole suite) | memcheck over torch-level CUDA and Triton
+#   calls | Triton tuning -> OUT_DIR/tuned/<gpu>.json (used by the later steps) | op benchmark v2 (bf16,
+#   fp32/TF32; B = 256 and 32) | Triton vs slim cuDNN device time (bench_slim) | model benchmark (ResNet-18) |
+#   claims.json.
 # Usage, from the repository root:  BUDGET_S=540 bash scripts/gpu_session.sh OUT_DIR
-# DRY_RUN=1 prints every step's command instead of running it (checkable on a CPU machine).
+# Commit OUT_DIR/tuned/<gpu>.json as moe_kernels/_triton/tuned/<gpu>.json afterwards.
+# DRY_RUN=1 prints every step's command instead of running it (checkable on a CPU machine); STEPS="pattern ..."
+# runs only the steps whose names match (e.g. a second call: STEPS="triton_tune bench_*"; see scripts/gpu_steps.sh).
 # Steps never stop the script; each logs to OUT_DIR/logs/<step>.log; results go to OUT_DIR/results/;
-# OUT_DIR/summary.txt lists PASS/FAIL/SKIP per step. Steps are skipped when the budget runs out.
+# OUT_DIR/summary.txt lists PASS/FAIL/SKIP per step. Steps are skipped when the budget runs out (in order).
 set -u -o pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT_DIR=${1:-${OUT:-/tmp/gpu_session}}
-mkdir -p "$OUT_DIR/logs" "$OUT_DIR/results"
+LOG_DIR="$OUT_DIR/logs"
+mkdir -p "$LOG_DIR" "$OUT_DIR/results" "$OUT_DIR/tuned"
 PY=${PYTHON:-python3}
 T_END=$((SECONDS + ${BUDGET_S:-540}))
 DRY_RUN=${DRY_RUN:-0}
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TRITON_DEFAULT_FP_FUSION=1
+unset TRITON_INTERPRET
 SUMMARY="$OUT_DIR/summary.txt"
 : >"$SUMMARY"
+# shellcheck source=scripts/gpu_steps.sh
+source scripts/gpu_steps.sh
 
-step() {  # step NAME LIMIT_S CMD...: run with min(LIMIT, time left - 15 s), log, record, never fail
-  local name=$1 limit=$2 left rc t0=$SECONDS
-  shift 2
-  left=$((T_END - SECONDS - 15))
-  ((left < limit)) && limit=$left
-  if ((limit < 20)); then echo "SKIP $name (budget spent)" | tee -a "$SUMMARY"; return 0; fi
-  if [ "$DRY_RUN" = 1 ]; then echo "DRY $name (limit $limit s): $*" | tee -a "$SUMMARY"; return 0; fi
-  timeout --kill-after=5 "$limit" "$@" >"$OUT_DIR/logs/$name.log" 2>&1
-  rc=$?
-  tail -n 6 "$OUT_DIR/logs/$name.log"
-  if ((rc == 0)); then echo "PASS $name ($((SECONDS - t0)) s)" | tee -a "$SUMMARY"
-  else echo "FAIL $name rc=$rc ($((SECONDS - t0)) s; limit $limit s)" | tee -a "$SUMMARY"; fi
-  return 0
-}
-
-# Packages the GPU image lacks (fvcore for FLOPs), carried as wheels in .whl/.
-if ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-fi
+install_wheels
 NVCC=$(command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
 export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$NVCC")")}
 # setup.py picks a g++ of the version torch was built with (on the lent H200 image the g++ wrapper first on
 # PATH produced extensions that segfaulted when a TORCH_CHECK formatted its message) or stops with the fix.
-{ git rev-parse HEAD; nvidia-smi -L; $PY -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())"; echo "nvcc=$NVCC sanitizer=$SAN"; } 2>&1 | tee "$OUT_DIR/logs/env.log"
+nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader >"$OUT_DIR/gpu.txt" 2>&1
+{ git rev-parse HEAD; nvidia-smi -L; $PY -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())"; echo "nvcc=$NVCC sanitizer=$SAN"; } 2>&1 | tee "$LOG_DIR/env.log"
 
-# 1. Build in the background while the Triton tests and the standalone kernel test run.
-if [ "$DRY_RUN" = 1 ]; then echo "DRY build: ADVMOE_CUDA=1 $PY setup.py build_ext --inplace" | tee -a "$SUMMARY"
-  echo "build rc=0" >"$OUT_DIR/logs/build.log"; BUILD_PID=$$
+# 1. Build in the background while the torch-free kernel test and its sanitizer runs go on.
+BUILD_PID=
+if ! selected build; then echo "SKIP build (not in STEPS)" | tee -a "$SUMMARY"
+elif [ "$DRY_RUN" = 1 ]; then echo "DRY build: ADVMOE_CUDA=1 $PY setup.py build_ext --inplace" | tee -a "$SUMMARY"
 else
 ( ADVMOE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout 300 $PY setup.py build_ext --inplace \
-    >"$OUT_DIR/logs/build.log" 2>&1; echo "build rc=$?" >>"$OUT_DIR/logs/build.log" ) &
+    >"$LOG_DIR/build.log" 2>&1; echo "build rc=$?" >>"$LOG_DIR/build.log" ) &
 BUILD_PID=$!
 fi
 step standalone_build 120 "$NVCC" -std=c++17 -O2 -lineinfo -arch=sm_90 -o /tmp/standalone_test \
@@ -58,9 +50,11 @@ step standalone_build 120 "$NVCC" -std=c++17 -O2 -lineinfo -arch=sm_90 -o /tmp/s
 step standalone_run 60 /tmp/standalone_test
 step sanitize_memcheck 90 "$SAN" --tool memcheck --leak-check full --error-exitcode 1 /tmp/standalone_test --quick
 step sanitize_racecheck 90 "$SAN" --tool racecheck --error-exitcode 1 /tmp/standalone_test --quick
-[ "$BUILD_PID" = $$ ] || wait "$BUILD_PID"
-tail -n 5 "$OUT_DIR/logs/build.log"
-grep -q "build rc=0" "$OUT_DIR/logs/build.log" && echo "PASS build" | tee -a "$SUMMARY" || echo "FAIL build" | tee -a "$SUMMARY"
+if [ -n "$BUILD_PID" ]; then
+  wait "$BUILD_PID"
+  tail -n 5 "$LOG_DIR/build.log"
+  grep -q "build rc=0" "$LOG_DIR/build.log" && echo "PASS build" | tee -a "$SUMMARY" || echo "FAIL build" | tee -a "$SUMMARY"
+fi
 step backends 30 $PY -c "import moe_kernels as m; print(m.available_backends()); print(m.unavailable_reason('cuda'))"
 
 # 2. The whole cuda-marked suite, nothing deselected; counts from the JUnit XML.
@@ -71,16 +65,22 @@ step sanitize_torch_cuda 60 "$SAN" --tool memcheck --error-exitcode 1 $PY -m pyt
 step sanitize_torch_triton 60 "$SAN" --tool memcheck --error-exitcode 1 $PY -m pytest -q -x -p no:cacheprovider \
   -m cuda tests/test_triton_backend.py -k "fp32 and not tf32 and not sync" --maxfail=1
 
-# 4. Benchmark v2: CUDA graphs, eager latency, profiler counts; B = 256 and 32; bf16 and fp32 (TF32).
+# 4. Tune the Triton kernels once (compile-pruned candidates, then timed); later steps use the new table.
+step triton_tune 300 $PY -m moe_kernels._triton.tune --out "$OUT_DIR/tuned" --budget-s 240
+export ADVMOE_TRITON_TUNED_DIR="$OUT_DIR/tuned"
+
+# 5. Benchmark v2: CUDA graphs, eager latency, profiler counts; B = 256 and 32; bf16 and fp32 (TF32).
 for dt in bf16 fp32; do
   step "bench_op_$dt" 110 $PY benchmarks/bench_op.py --device cuda --dtype "$dt" --batch 256 32 \
     --reps 20 --warmup 5 --quiet --out-dir "$OUT_DIR/results/op_$dt"
 done
+# Triton forward, forward+backward and fused BN+ReLU against the slim cuDNN conv (CUDA-graph device time).
+step bench_triton_slim 150 $PY -m moe_kernels._triton.bench_slim --out "$OUT_DIR/results" --batch 256 --dtypes bf16,fp32
 step bench_models_bf16 60 $PY -m advmoe bench --device cuda --dtype bf16 --models resnet18_cifar \
   --batch 1 64 256 --repeats 10 --warmup 3 --backends cuda triton --out "$OUT_DIR/results/models_bf16"
 
-# 5. claims.json from the JUnit counts, the sanitizer logs and the benchmark JSONs (always runs, also in DRY_RUN).
-timeout 60 $PY - "$OUT_DIR" >"$OUT_DIR/logs/claims.log" 2>&1 <<'PYEOF'
+# 6. claims.json from the JUnit counts, the sanitizer logs and the benchmark JSONs (always runs, also in DRY_RUN).
+timeout 60 $PY - "$OUT_DIR" >"$LOG_DIR/claims.log" 2>&1 <<'PYEOF'
 import glob, json, os, re, sys
 import xml.etree.ElementTree as ET
 sys.path.insert(0, "benchmarks")
@@ -114,5 +114,5 @@ if syncs:
 device = docs[0]["device_slug"] if docs else "unknown"
 print(write_claims(os.path.join(out, "results"), claims, device=device, commit=versions()["commit"]))
 PYEOF
-echo "claims rc=$? -> $OUT_DIR/results/claims.json" | tee -a "$SUMMARY"; tail -n 3 "$OUT_DIR/logs/claims.log"
+echo "claims rc=$? -> $OUT_DIR/results/claims.json" | tee -a "$SUMMARY"; tail -n 3 "$LOG_DIR/claims.log"
 echo "=== summary ==="; cat "$SUMMARY"

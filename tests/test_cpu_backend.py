@@ -7,6 +7,7 @@ from op_cases import assert_close
 
 import moe_kernels
 from moe_kernels import sparse_moe_conv2d, sparse_moe_conv2d_ref
+from moe_kernels.call import ConvCall
 
 pytestmark = pytest.mark.skipif(
     "cpu" not in moe_kernels.available_backends(),
@@ -100,6 +101,6 @@ def test_non_contiguous_grad_out():
     g = torch.randn(out.shape[0], out.shape[1], out.shape[3], out.shape[2], dtype=out.dtype).transpose(2, 3)
     fwd, bwd = moe_kernels.backends.get_backend("cpu")
     ref_fwd, ref_bwd = moe_kernels.backends.get_backend("reference")
-    args = (x, weight, expert_idx, 3, gate, bias, (1, 1), (1, 1), (1, 1), (True, True, True, True))
-    for a, b in zip(bwd(g, *args), ref_bwd(g.contiguous(), *args), strict=True):
+    call, needs = ConvCall(x, weight, expert_idx, 3, gate, bias, (1, 1), (1, 1), (1, 1)), (True, True, True, True)
+    for a, b in zip(bwd(g, call, needs), ref_bwd(g.contiguous(), call, needs), strict=True):
         assert_close(a, b, 1e-9, 1e-9, "backward with a transposed grad_out")

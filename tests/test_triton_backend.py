@@ -13,9 +13,10 @@ import pytest
 import torch
 from op_cases import CASES, Case, assert_close, make_inputs
 
-from moe_kernels import sparse_moe_conv2d, sparse_moe_conv2d_ref
+from moe_kernels import reference, sparse_moe_conv2d, sparse_moe_conv2d_ref
 from moe_kernels._triton import tuning
 from moe_kernels.backends.errors import BackendUnavailable
+from moe_kernels.call import ConvCall
 from moe_kernels.reference import sparse_moe_conv2d_backward_ref
 
 triton_conv = pytest.importorskip("moe_kernels.backends.triton")
@@ -27,7 +28,7 @@ def _compare(case: Case, expert_idx=None, needs=ALL_NEEDS, grad_layout=None, tol
     x, weight, idx, gate, bias = (t.detach() if t is not None else None for t in make_inputs(case, dtype))
     idx = idx if expert_idx is None else expert_idx
     args = (x, weight, idx, case.experts, gate, bias, case.stride, case.padding, case.dilation)
-    out = triton_conv.forward(*args)
+    out = triton_conv.forward(ConvCall(*args))
     expected = sparse_moe_conv2d_ref(*args)
     assert out.dtype == x.dtype
     assert_close(out, expected, tol, tol, "forward")
@@ -36,7 +37,7 @@ def _compare(case: Case, expert_idx=None, needs=ALL_NEEDS, grad_layout=None, tol
         grad_out = grad_out.contiguous(memory_format=torch.channels_last)
     elif grad_layout == "transposed":
         grad_out = grad_out.transpose(2, 3).contiguous().transpose(2, 3)
-    got = triton_conv.backward(grad_out, *args, needs)
+    got = triton_conv.backward(grad_out, ConvCall(*args), needs)
     want = sparse_moe_conv2d_backward_ref(grad_out, *args, needs)
     for name, g, w, need in zip(("x", "weight", "bias", "gate"), got, want, needs, strict=True):
         if w is None:
@@ -79,7 +80,9 @@ def test_many_tiles_blocks_and_k_steps(tiny_blocks):
 def test_channels_last_output_and_fp32(tiny_blocks):
     case = dataclasses.replace(CASES["channels_last"], c_in=18)
     x, weight, idx, gate, bias = (t.detach() if t is not None else None for t in make_inputs(case, torch.float32))
-    out = triton_conv.forward(x, weight, idx, case.experts, gate, bias, case.stride, case.padding, case.dilation)
+    out = triton_conv.forward(
+        ConvCall(x, weight, idx, case.experts, gate, bias, case.stride, case.padding, case.dilation)
+    )
     assert out.is_contiguous(memory_format=torch.channels_last)
     _compare(case, tol=1e-5, dtype=torch.float32)
 
@@ -115,9 +118,9 @@ def test_batch0_backward_shapes():
     case = CASES["batch0"]
     x, weight, idx, gate, bias = (t.detach() if t is not None else None for t in make_inputs(case))
     args = (x, weight, idx, case.experts, gate, bias, case.stride, case.padding, case.dilation)
-    out = triton_conv.forward(*args)
+    out = triton_conv.forward(ConvCall(*args))
     assert out.shape == (0, case.width, *case.size)
-    gx, gw, gb, gg = triton_conv.backward(out, *args, ALL_NEEDS)
+    gx, gw, gb, gg = triton_conv.backward(out, ConvCall(*args), ALL_NEEDS)
     assert gx.shape == x.shape and gg.shape == (0, 1)
     assert gw.shape == weight.shape and not gw.any() and not gb.any()
 
@@ -145,11 +148,12 @@ def test_low_precision_dtypes_in_the_interpreter(dtype):
     expected = sparse_moe_conv2d_ref(*inputs32[:3], case.experts, *inputs32[3:], *extra)
     grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3))
     results = {}
+    call = ConvCall(*low[:3], case.experts, *low[3:], *extra)
     for name, fwd, bwd in (("triton", triton_conv.forward, triton_conv.backward),
-                           ("torch", sparse_moe_conv2d_ref, sparse_moe_conv2d_backward_ref)):  # fmt: skip
-        out = fwd(*low[:3], case.experts, *low[3:], *extra)
+                           ("torch", reference.forward, reference.backward)):  # fmt: skip
+        out = fwd(call)
         assert out.dtype == dtype
-        grads = bwd(grad_out.to(dtype), *low[:3], case.experts, *low[3:], *extra, ALL_NEEDS)
+        grads = bwd(grad_out.to(dtype), call, ALL_NEEDS)
         results[name] = (out, *grads)
     want = (expected, *sparse_moe_conv2d_backward_ref(grad_out, *inputs32[:3], case.experts, *inputs32[3:], *extra,
                                                       ALL_NEEDS))  # fmt: skip
@@ -251,13 +255,13 @@ def test_gpu_no_host_sync():
     case, inputs = _gpu_case_inputs(**GPU_SHAPES["b32_k2of4_odd"], dtype=torch.bfloat16)
     x, weight, idx, gate, bias = (t.detach() for t in inputs)
     args = (x, weight, idx, case.experts, gate, bias, case.stride, case.padding, case.dilation)
-    out = triton_conv.forward(*args)  # compile outside the checked region
-    triton_conv.backward(torch.ones_like(out), *args, ALL_NEEDS)
+    out = triton_conv.forward(ConvCall(*args))  # compile outside the checked region
+    triton_conv.backward(torch.ones_like(out), ConvCall(*args), ALL_NEEDS)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = triton_conv.forward(*args)
-        triton_conv.backward(torch.ones_like(out), *args, ALL_NEEDS)
+        out = triton_conv.forward(ConvCall(*args))
+        triton_conv.backward(torch.ones_like(out), ConvCall(*args), ALL_NEEDS)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()

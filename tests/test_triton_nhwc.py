@@ -14,6 +14,7 @@ import pytest
 import torch
 from op_cases import CASES, Case, assert_close, make_inputs
 
+from moe_kernels.call import ConvCall
 from moe_kernels.reference import sparse_moe_conv2d_backward_ref, sparse_moe_conv2d_ref
 
 launcher = pytest.importorskip("moe_kernels._triton.launcher")
@@ -50,13 +51,13 @@ def _check(case: Case, expert_idx=None, needs=ALL, tol=1e-10):
     x, weight, idx, gate, bias = _detached(case)
     idx = idx if expert_idx is None else expert_idx
     args = (x, weight, idx, case.experts, gate, bias, case.stride, case.padding, case.dilation)
-    out = launcher.conv_forward(*args)
+    out = launcher.conv_forward(ConvCall(*args))
     expected = sparse_moe_conv2d_ref(*args)
     assert_close(out, expected, tol, tol, "forward")
     if case.channels_last and case.c_in > 1:
         assert out.is_contiguous(memory_format=torch.channels_last)
     grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3), dtype=expected.dtype)
-    got = launcher.conv_backward(grad_out, *args, needs)
+    got = launcher.conv_backward(grad_out, ConvCall(*args), needs)
     want = sparse_moe_conv2d_backward_ref(grad_out, *args, needs)
     for name, g, w in zip(("x", "weight", "bias", "gate"), got, want, strict=True):
         if w is None:
@@ -95,7 +96,7 @@ def test_forward_with_tma_weight_loads(small_blocks):
     case = Case(batch=2, c_in=17, width=19, experts=2, top_k=2, size=(3, 4), channels_last=True)
     x, weight, idx, gate, bias = _detached(case)
     args = (x, weight, idx, case.experts, gate, bias, case.stride, case.padding, case.dilation)
-    assert_close(launcher.conv_forward(*args), sparse_moe_conv2d_ref(*args), 1e-10, 1e-10, "forward (TMA)")
+    assert_close(launcher.conv_forward(ConvCall(*args)), sparse_moe_conv2d_ref(*args), 1e-10, 1e-10, "forward (TMA)")
 
 
 def test_unpadded_masked_path(small_blocks):
@@ -143,7 +144,7 @@ def test_fused_epilogue(grouped, residual, relu, channels_last):
     if grouped:
         ref = _grouped(ref, idx, case.experts, case.width)
         res = _grouped(res, idx, case.experts, case.width) if res is not None else None
-    out = launcher.conv_forward(*args, residual=res, relu=relu, grouped_out=grouped)
+    out = launcher.conv_forward(ConvCall(*args), residual=res, relu=relu, grouped_out=grouped)
     assert_close(out, ref, 1e-10, 1e-10, "fused forward")
 
 
@@ -152,8 +153,8 @@ def test_weight_gradients_are_deterministic():
     x, weight, idx, gate, bias = _detached(case, torch.float32)
     args = (x, weight, idx, case.experts, gate, bias, case.stride, case.padding, case.dilation)
     grad_out = torch.randn(4, 6, 4, 4, generator=torch.Generator().manual_seed(1))
-    first = launcher.conv_backward(grad_out, *args, ALL)
-    second = launcher.conv_backward(grad_out, *args, ALL)
+    first = launcher.conv_backward(grad_out, ConvCall(*args), ALL)
+    second = launcher.conv_backward(grad_out, ConvCall(*args), ALL)
     for name, a, b in zip(("x", "weight", "bias", "gate"), first, second, strict=True):
         assert torch.equal(a, b), f"grad {name} differs between two runs"
 
@@ -171,7 +172,10 @@ def test_low_precision_within_twice_plain_pytorch():
     grad_out = torch.randn(want.shape, generator=torch.Generator().manual_seed(3))
     want_grads = sparse_moe_conv2d_backward_ref(grad_out, *high[:3], case.experts, *high[3:], *extra, ALL)
     low_args = (*low[:3], case.experts, *low[3:], *extra)
-    got = (launcher.conv_forward(*low_args), *launcher.conv_backward(grad_out.bfloat16(), *low_args, ALL))
+    got = (
+        launcher.conv_forward(ConvCall(*low_args)),
+        *launcher.conv_backward(grad_out.bfloat16(), ConvCall(*low_args), ALL),
+    )
     base = (sparse_moe_conv2d_ref(*low_args), *sparse_moe_conv2d_backward_ref(grad_out.bfloat16(), *low_args, ALL))
     for what, g, b, w in zip(("forward", "x", "weight", "bias", "gate"), got, base, (want, *want_grads), strict=True):
         assert g.dtype == torch.bfloat16, what
@@ -190,14 +194,14 @@ def test_unsupported_call_falls_back_to_the_reference_with_one_warning(monkeypat
     x, weight, idx, gate, bias = _detached(case)
     args = (x, weight, idx, case.experts, gate, bias, case.stride, case.padding, case.dilation)
     with pytest.warns(UserWarning, match="dtype test-only is not supported.*reference backend"):
-        out = triton_conv.forward(*args)
+        out = triton_conv.forward(ConvCall(*args))
     assert_close(out, sparse_moe_conv2d_ref(*args), 1e-12, 1e-12, "fallback forward")
     grad_out = torch.ones_like(out)
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same reason warns only once
-        got = triton_conv.backward(grad_out, *args, ALL)
+        got = triton_conv.backward(grad_out, ConvCall(*args), ALL)
     want = sparse_moe_conv2d_backward_ref(grad_out, *args, ALL)
     for name, g, w in zip(("x", "weight", "bias", "gate"), got, want, strict=True):
         assert_close(g, w, 1e-12, 1e-12, f"fallback grad {name}")
@@ -333,7 +337,9 @@ def test_gpu_fused_epilogue_error_rule(dtype, shape, monkeypatch):
     want = sparse_moe_conv2d_ref(*high[:3], case.experts, *high[3:], *extra)
     residual = torch.randn(want.shape, device="cuda", dtype=torch.float64)
     want = torch.relu(want + residual)
-    got = launcher.conv_forward(*low[:3], case.experts, *low[3:], *extra, residual=residual.to(dtype), relu=True)
+    got = launcher.conv_forward(
+        ConvCall(*low[:3], case.experts, *low[3:], *extra), residual=residual.to(dtype), relu=True
+    )
     base = torch.relu(sparse_moe_conv2d_ref(*low[:3], case.experts, *low[3:], *extra) + residual.to(dtype))
     err, base_err = (got.double() - want).abs().max().item(), (base.double() - want).abs().max().item()
     assert err <= 2 * base_err + 1e-5 * want.abs().max().item(), f"max err {err:.3e} vs plain PyTorch {base_err:.3e}"
@@ -345,8 +351,8 @@ def test_gpu_weight_gradients_bitwise_deterministic():
                                                       top_k=1, experts=2)  # fmt: skip
     args = (x, weight, idx, case.experts, gate, bias, case.stride, case.padding, case.dilation)
     grad_out = torch.randn(64, 64, 32, 32, device="cuda", dtype=torch.bfloat16)
-    first = launcher.conv_backward(grad_out, *args, ALL)
-    second = launcher.conv_backward(grad_out, *args, ALL)
+    first = launcher.conv_backward(grad_out, ConvCall(*args), ALL)
+    second = launcher.conv_backward(grad_out, ConvCall(*args), ALL)
     for name, a, b in zip(("x", "weight", "bias", "gate"), first, second, strict=True):
         assert torch.equal(a, b), f"grad {name} differs between two runs"
 
@@ -355,14 +361,14 @@ def test_gpu_weight_gradients_bitwise_deterministic():
 def test_gpu_fused_forward_and_backward_never_sync():
     case, (x, weight, idx, gate, bias) = _gpu_inputs(torch.bfloat16)
     args = (x, weight, idx, case.experts, gate, bias, case.stride, case.padding, case.dilation)
-    out = launcher.conv_forward(*args, relu=True, grouped_out=True)  # compile outside the checked region
+    out = launcher.conv_forward(ConvCall(*args), relu=True, grouped_out=True)  # compile outside the checked region
     grad_out = torch.ones(32, 80, 15, 17, device="cuda", dtype=torch.bfloat16)
-    launcher.conv_backward(grad_out, *args, ALL)
+    launcher.conv_backward(grad_out, ConvCall(*args), ALL)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = launcher.conv_forward(*args, relu=True, grouped_out=True)
-        launcher.conv_backward(grad_out, *args, ALL)
+        out = launcher.conv_forward(ConvCall(*args), relu=True, grouped_out=True)
+        launcher.conv_backward(grad_out, ConvCall(*args), ALL)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.shape == (32 * 2 * 15 * 17, 40)

@@ -46,45 +46,26 @@ struct Config {
   int w_out() const { return (width_in + 2 * pad - dil * (kw - 1) - 1) / stride + 1; }
 };
 
-// Host conversions and tolerances per element type.
+// Host conversions and tolerances per element type: one row per type (the *2half / *2bfloat16 intrinsics
+// are host-callable).
 template <typename T>
 struct Host;
-template <>
-struct Host<float> {
-  using acc = float;
-  static float make(double v) { return static_cast<float>(v); }
-  static double get(float v) { return v; }
-  static constexpr double tol = 1e-5;
-  static constexpr moe_dtype_t dtype = MOE_FLOAT32;
-  static constexpr const char* name = "fp32";
-};
-template <>
-struct Host<double> {
-  using acc = double;
-  static double make(double v) { return v; }
-  static double get(double v) { return v; }
-  static constexpr double tol = 1e-12;
-  static constexpr moe_dtype_t dtype = MOE_FLOAT64;
-  static constexpr const char* name = "fp64";
-};
-template <>
-struct Host<__half> {
-  using acc = float;
-  static __half make(double v) { return __float2half(static_cast<float>(v)); }
-  static double get(__half v) { return __half2float(v); }
-  static constexpr double tol = 2e-3;
-  static constexpr moe_dtype_t dtype = MOE_FLOAT16;
-  static constexpr const char* name = "fp16";
-};
-template <>
-struct Host<__nv_bfloat16> {
-  using acc = float;
-  static __nv_bfloat16 make(double v) { return __float2bfloat16(static_cast<float>(v)); }
-  static double get(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static constexpr double tol = 1.6e-2;
-  static constexpr moe_dtype_t dtype = MOE_BFLOAT16;
-  static constexpr const char* name = "bf16";
-};
+#define MOE_HOST_TYPE(T, ACC, MAKE, GET, TOL, DTYPE, NAME)  \
+  template <>                                              \
+  struct Host<T> {                                         \
+    using acc = ACC;                                       \
+    static T make(double v) { return MAKE; }               \
+    static double get(T v) { return GET; }                 \
+    static constexpr double tol = TOL;                     \
+    static constexpr moe_dtype_t dtype = DTYPE;            \
+    static constexpr const char* name = NAME;              \
+  };
+MOE_HOST_TYPE(float, float, static_cast<float>(v), v, 1e-5, MOE_FLOAT32, "fp32")
+MOE_HOST_TYPE(double, double, v, v, 1e-12, MOE_FLOAT64, "fp64")
+MOE_HOST_TYPE(__half, float, __float2half(static_cast<float>(v)), __half2float(v), 2e-3, MOE_FLOAT16, "fp16")
+MOE_HOST_TYPE(__nv_bfloat16, float, __float2bfloat16(static_cast<float>(v)), __bfloat162float(v), 1.6e-2,
+              MOE_BFLOAT16, "bf16")
+#undef MOE_HOST_TYPE
 
 template <typename T>
 T* upload(const std::vector<T>& host) {

@@ -2,7 +2,8 @@
 
 Modules: ``schedule`` (tile table, pure torch), ``packing`` (cached per-expert weight packs),
 ``common`` (dot precision per dtype), ``tuning`` (launch configurations, tuned tables, auto choice),
-``forward_nhwc`` / ``dgrad_nhwc`` / ``wgrad_reduce`` (the kernels), ``launcher`` (layouts, grids,
-tables), ``spec`` (launches as data), ``compile_check`` (compiles for an NVIDIA target without a GPU),
-``tune`` (one-time tuning on a GPU). Only ``schedule`` can be imported without triton. See docs/triton.md.
+``forward_nhwc`` / ``dgrad_nhwc`` / ``wgrad_reduce`` (the kernels), ``kernel_parts`` (the ``@triton.jit``
+pieces they share), ``launcher`` (layouts, grids, tables), ``spec`` (launches as data), ``compile_check``
+(compiles for an NVIDIA target without a GPU), ``tune`` (one-time tuning on a GPU; its shape table is also the
+op benchmark's). Only ``schedule`` and ``tune`` can be imported without triton. See docs/triton.md.
 """

@@ -23,27 +23,9 @@ from pathlib import Path
 
 def graph_us(fn, calls: int = 20, reps: int = 10) -> float:
     """Median device microseconds per call of ``fn`` from CUDA-graph replays of ``calls`` calls."""
-    import torch
+    from moe_kernels.graph_timing import cuda_graph_ms
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(1000.0 * start.elapsed_time(end) / calls)
-    return sorted(times)[len(times) // 2]
+    return 1000.0 * cuda_graph_ms(fn, calls, reps)
 
 
 def bench_shape(c_in: int, width: int, size: int, batch: int, dtype) -> dict:
@@ -52,6 +34,7 @@ def bench_shape(c_in: int, width: int, size: int, batch: int, dtype) -> dict:
 
     from moe_kernels._triton import launcher
     from moe_kernels.backends import triton as triton_conv
+    from moe_kernels.call import ConvCall
 
     dev = torch.device("cuda")
     g = torch.Generator().manual_seed(0)
@@ -63,17 +46,17 @@ def bench_shape(c_in: int, width: int, size: int, batch: int, dtype) -> dict:
     gate = torch.ones(batch, 1, device=dev, dtype=dtype)
     slim_w = weight[:width].contiguous()
     grad = torch.randn(batch, width, size, size, generator=g).to(dev, dtype).contiguous(memory_format=cl)
-    args = (x, weight, idx, 2, gate, bias, (1, 1), (1, 1), (1, 1))
+    call = ConvCall(x, weight, idx, 2, gate, bias, (1, 1), (1, 1), (1, 1))
     bn = torch.nn.BatchNorm2d(width).to(dev).eval()  # fp32 parameters, as under autocast
     out = {
         "slim_fwd": graph_us(lambda: F.conv2d(x, slim_w, None, 1, 1)),
-        "triton_fwd": graph_us(lambda: triton_conv.forward(*args)),
+        "triton_fwd": graph_us(lambda: triton_conv.forward(call)),
         "slim_fwdbwd": graph_us(lambda: torch.ops.aten.convolution_backward(
             grad, x, slim_w, [width], (1, 1), (1, 1), (1, 1), False, [0, 0], 1, [True, True, True])),
-        "triton_fwdbwd": graph_us(lambda: (triton_conv.forward(*args),
-                                           launcher.conv_backward(grad, *args, (True, True, True, True)))),
+        "triton_fwdbwd": graph_us(lambda: (triton_conv.forward(call),
+                                           launcher.conv_backward(grad, call, (True, True, True, True)))),
         "slim_bn_relu": graph_us(lambda: torch.relu(bn(F.conv2d(x, slim_w, None, 1, 1)))),
-        "triton_fused": graph_us(lambda: triton_conv.forward_fused(*args, relu=True)),
+        "triton_fused": graph_us(lambda: triton_conv.forward_fused(call, relu=True)),
     }  # fmt: skip
     out["slim_fwdbwd"] += out["slim_fwd"]  # convolution_backward alone is the backward
     return out

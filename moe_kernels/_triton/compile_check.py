@@ -98,6 +98,7 @@ def record_launches(dtype_name: str, shape: str, configs: dict | None = None, ba
 
     from moe_kernels._triton import launcher, tuning
     from moe_kernels._triton.spec import recording
+    from moe_kernels.call import ConvCall
 
     c_in, width, kernel, stride = SHAPES[shape] if isinstance(shape, str) else shape
     dtype = _torch_dtype(dtype_name)
@@ -112,9 +113,10 @@ def record_launches(dtype_name: str, shape: str, configs: dict | None = None, ba
     h_out = (size + 2 * pad[0] - kernel[0]) // stride[0] + 1
     residual = torch.empty(batch, width, h_out, h_out, **meta).contiguous(memory_format=torch.channels_last)
     with tuning.forced_configs(configs or {}), recording() as launches:
-        launcher.conv_forward(x, weight, idx, experts, gate, bias, stride, pad, (1, 1), residual=residual, relu=True)
+        call = ConvCall(x, weight, idx, experts, gate, bias, stride, pad, (1, 1))
+        launcher.conv_forward(call, residual=residual, relu=True)
         grad_out = torch.empty(batch, width, h_out, h_out, **meta).contiguous(memory_format=torch.channels_last)
-        launcher.conv_backward(grad_out, x, weight, idx, experts, gate, bias, stride, pad, (1, 1), (True,) * 4)
+        launcher.conv_backward(grad_out, call, (True,) * 4)
     return launches
 
 

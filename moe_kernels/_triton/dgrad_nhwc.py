@@ -21,7 +21,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from moe_kernels._triton.spec import launch
+from moe_kernels._triton.kernel_parts import k_step, load_operands, mma, slot_rows, tile_of_item
+from moe_kernels._triton.spec import conv_args, gate_strides, launch, nhwc_strides
 
 
 # go: (B, H_out, W_out, k*WIDTH) NHWC view, channel stride 1; wp: (E, KH*KW*WIDTH, WP_COLS >= C_in) packed weight;
@@ -49,20 +50,10 @@ def moe_conv_dgrad_nhwc_kernel(
     rows_per_slot = H * W
     ck = tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK_K), BLOCK_K), BLOCK_K)
     for item in range(tl.program_id(0), num_tiles * n_blocks, tl.num_programs(0)):
-        tile = item // n_blocks
-        pid_n = item % n_blocks
-        start = tl.load(tile_start_ptr + tile).to(tl.int32)
-        end = tl.load(tile_end_ptr + tile).to(tl.int32)
+        tile, pid_n, start, end = tile_of_item(item, n_blocks, tile_start_ptr, tile_end_ptr)
         if start < end:
             expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
-            rows = start + tl.arange(0, BLOCK_M)
-            row_mask = rows < end
-            sorted_slot = rows // rows_per_slot
-            pix = rows % rows_per_slot
-            b = tl.load(sample_ptr + sorted_slot, mask=row_mask, other=0).to(tl.int64)
-            j = tl.load(slot_ptr + sorted_slot, mask=row_mask, other=0).to(tl.int64)
-            ih = pix // W
-            iw = pix % W
+            rows, row_mask, b, j, ih, iw = slot_rows(start, end, sample_ptr, slot_ptr, rows_per_slot, W, BLOCK_M)
             go_b = go_ptr + b * sgob + j * WIDTH  # (BLOCK_M,) each row's slot block
             ohn0 = ih + pad_h
             own0 = iw + pad_w
@@ -73,10 +64,7 @@ def moe_conv_dgrad_nhwc_kernel(
 
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
             for step in range(0, k_steps):
-                tap = step // k_blocks
-                n0 = tl.multiple_of((step % k_blocks) * BLOCK_K, BLOCK_K)
-                ki = tap // KW
-                kj = tap % KW
+                tap, n0, ki, kj = k_step(step, k_blocks, KW, BLOCK_K)
                 ohn = ohn0 - ki * dil_h
                 own = own0 - kj * dil_w
                 oh = ohn // stride_h
@@ -85,20 +73,8 @@ def moe_conv_dgrad_nhwc_kernel(
                 row_ok = row_ok & (oh < H_out) & (ow < W_out)
                 a_ptrs = (go_b + oh * sgoh + ow * sgow)[:, None] + (n0 + ck)[None, :]
                 w_ptrs = w_e + (tap * WIDTH + n0 + ck).to(tl.int64)[:, None] * WP_COLS + c[None, :]
-                if EVEN_K:
-                    a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-                    if EVEN_N:  # noqa: SIM108 (constexpr branch)
-                        wt = tl.load(w_ptrs)
-                    else:
-                        wt = tl.load(w_ptrs, mask=c_mask[None, :], other=0.0)
-                else:
-                    k_ok = (n0 + ck) < WIDTH
-                    a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                    wt = tl.load(w_ptrs, mask=k_ok[:, None] & c_mask[None, :], other=0.0)
-                if UPCAST:
-                    a = a.to(ACC_DTYPE)
-                    wt = wt.to(ACC_DTYPE)
-                acc += tl.dot(a, wt, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                a, wt = load_operands(a_ptrs, w_ptrs, row_ok, (n0 + ck) < WIDTH, c_mask, EVEN_K, EVEN_N)
+                acc = mma(acc, a, wt, ACC_DTYPE, UPCAST, INPUT_PRECISION)
 
             mask = row_mask[:, None] & c_mask[None, :]
             if NEED_GATE:
@@ -142,12 +118,9 @@ def launch_dgrad_nhwc(go_nhwc, packed, x_nhwc, c_in, gate, grad_x, gate_part, so
         tile_end_ptr=schedule.tile_end, num_tiles=schedule.num_tiles, total_rows=sample.shape[0] * height * wid,
         C_in=c_in, H=height, W=wid, H_out=go_nhwc.shape[1], W_out=go_nhwc.shape[2], WIDTH=width,
         WP_COLS=packed.shape[2],
-        sgob=go_nhwc.stride(0), sgoh=go_nhwc.stride(1), sgow=go_nhwc.stride(2),
-        sxb=x_nhwc.stride(0), sxh=x_nhwc.stride(1), sxw=x_nhwc.stride(2),
-        **dict(zip(("sgb", "sgk"), gate.stride() if gate is not None else (0, 0), strict=True)),
+        **nhwc_strides("sgo", go_nhwc), **nhwc_strides("sx", x_nhwc), **gate_strides(gate),
         **dict(zip(("sob", "soj", "soh", "sow"), out_strides, strict=True)),
-        stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[1], dil_h=dilation[0],
-        dil_w=dilation[1],
+        **conv_args(stride, padding, dilation),
     )  # fmt: skip
     consts = dict(
         KH=kernel_size[0], KW=kernel_size[1], EVEN_K=width % config.block_k == 0,

@@ -20,7 +20,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from moe_kernels._triton.spec import launch
+from moe_kernels._triton.kernel_parts import k_step, load_operands, mma, slot_rows, tile_of_item
+from moe_kernels._triton.spec import conv_args, gate_strides, launch, nhwc_strides
+from moe_kernels.geometry import conv_output_size
 
 
 # x: (B, H, W, C_in) NHWC view, channel stride 1; wp: (E, KH*KW*C_in, WP_COLS >= WIDTH) packed weight;
@@ -50,20 +52,10 @@ def moe_conv_fwd_nhwc_kernel(
     rows_per_slot = H_out * W_out
     ck = tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK_K), BLOCK_K), BLOCK_K)
     for item in range(tl.program_id(0), num_tiles * n_blocks, tl.num_programs(0)):
-        tile = item // n_blocks
-        pid_n = item % n_blocks
-        start = tl.load(tile_start_ptr + tile).to(tl.int32)
-        end = tl.load(tile_end_ptr + tile).to(tl.int32)
+        tile, pid_n, start, end = tile_of_item(item, n_blocks, tile_start_ptr, tile_end_ptr)
         if start < end:  # spare tiles of the upper-bound table are empty
             expert = tl.load(tile_expert_ptr + tile).to(tl.int64)
-            rows = start + tl.arange(0, BLOCK_M)
-            row_mask = rows < end
-            sorted_slot = rows // rows_per_slot
-            pix = rows % rows_per_slot
-            b = tl.load(sample_ptr + sorted_slot, mask=row_mask, other=0).to(tl.int64)
-            j = tl.load(slot_ptr + sorted_slot, mask=row_mask, other=0).to(tl.int64)
-            oh = pix // W_out
-            ow = pix % W_out
+            rows, row_mask, b, j, oh, ow = slot_rows(start, end, sample_ptr, slot_ptr, rows_per_slot, W_out, BLOCK_M)
             ih0 = oh * stride_h - pad_h
             iw0 = ow * stride_w - pad_w
             x_b = x_ptr + b * sxb  # (BLOCK_M,) each row's sample
@@ -74,32 +66,19 @@ def moe_conv_fwd_nhwc_kernel(
 
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
             for step in range(0, k_steps):
-                tap = step // c_blocks
-                c0 = tl.multiple_of((step % c_blocks) * BLOCK_K, BLOCK_K)
-                ki = tap // KW
-                kj = tap % KW
+                tap, c0, ki, kj = k_step(step, c_blocks, KW, BLOCK_K)
                 ih = ih0 + ki * dil_h
                 iw = iw0 + kj * dil_w
                 row_ok = row_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                 a_ptrs = (x_b + ih * sxh + iw * sxw)[:, None] + (c0 + ck)[None, :]
                 w_ptrs = w_e + (tap * C_in + c0 + ck).to(tl.int64)[:, None] * WP_COLS + n[None, :]
-                if EVEN_K:
+                if USE_TMA:  # (EVEN_K and EVEN_N) the (BLOCK_K, BLOCK_N) weight block through a TMA descriptor
                     a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-                    if USE_TMA:  # the (BLOCK_K, BLOCK_N) weight block through a TMA descriptor
-                        wt = w_desc.load([(expert * (KH * KW * C_in) + tap * C_in + c0).to(tl.int32),
-                                          pid_n * BLOCK_N])  # fmt: skip
-                    elif EVEN_N:
-                        wt = tl.load(w_ptrs)
-                    else:
-                        wt = tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
+                    wt = w_desc.load([(expert * (KH * KW * C_in) + tap * C_in + c0).to(tl.int32),
+                                      pid_n * BLOCK_N])  # fmt: skip
                 else:
-                    c_ok = (c0 + ck) < C_in
-                    a = tl.load(a_ptrs, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-                    wt = tl.load(w_ptrs, mask=c_ok[:, None] & n_mask[None, :], other=0.0)
-                if UPCAST:
-                    a = a.to(ACC_DTYPE)
-                    wt = wt.to(ACC_DTYPE)
-                acc += tl.dot(a, wt, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                    a, wt = load_operands(a_ptrs, w_ptrs, row_ok, (c0 + ck) < C_in, n_mask, EVEN_K, EVEN_N)
+                acc = mma(acc, a, wt, ACC_DTYPE, UPCAST, INPUT_PRECISION)
 
             if HAS_BIAS:
                 bias = tl.load(bias_ptr + expert * WIDTH + n, mask=n_mask, other=0.0)
@@ -137,8 +116,11 @@ def launch_forward_nhwc(x_nhwc, packed, bias, gate, residual, y, sorted_slots, s
     """
     sample, slot = sorted_slots
     c_in = x_nhwc.shape[3]
-    h_out, w_out = (y.shape[2], y.shape[3]) if not grouped_out else _out_size(x_nhwc, kernel_size, stride, padding,
-                                                                               dilation)  # fmt: skip
+    if grouped_out:  # y: (rows, w)
+        h_out, w_out = (conv_output_size(x_nhwc.shape[1 + i], kernel_size[i], stride[i], padding[i], dilation[i])
+                        for i in (0, 1))  # fmt: skip
+    else:
+        h_out, w_out = y.shape[2], y.shape[3]
 
     def strides4(t):
         if t is None:
@@ -158,12 +140,10 @@ def launch_forward_nhwc(x_nhwc, packed, bias, gate, residual, y, sorted_slots, s
         sample_ptr=sample, slot_ptr=slot, tile_expert_ptr=schedule.tile_expert, tile_start_ptr=schedule.tile_start,
         tile_end_ptr=schedule.tile_end, num_tiles=schedule.num_tiles, C_in=c_in, H=x_nhwc.shape[1],
         W=x_nhwc.shape[2], H_out=h_out, W_out=w_out, WIDTH=width, WP_COLS=packed.shape[2],
-        sxb=x_nhwc.stride(0), sxh=x_nhwc.stride(1), sxw=x_nhwc.stride(2),
-        **dict(zip(("sgb", "sgk"), gate.stride() if gate is not None else (0, 0), strict=True)),
+        **nhwc_strides("sx", x_nhwc), **gate_strides(gate),
         **dict(zip(("syb", "syc", "syh", "syw"), strides4(y), strict=True)),
         **dict(zip(("srb", "src", "srh", "srw"), strides4(residual), strict=True)),
-        stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[1], dil_h=dilation[0],
-        dil_w=dilation[1],
+        **conv_args(stride, padding, dilation),
     )  # fmt: skip
     consts = dict(
         KH=kernel_size[0], KW=kernel_size[1], EVEN_K=even_k, EVEN_N=even_n, USE_TMA=use_tma,
@@ -173,9 +153,3 @@ def launch_forward_nhwc(x_nhwc, packed, bias, gate, residual, y, sorted_slots, s
     )  # fmt: skip
     options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
     launch(moe_conv_fwd_nhwc_kernel, (programs,), args, consts, options)
-
-
-def _out_size(x_nhwc, kernel_size, stride, padding, dilation):
-    return tuple(
-        (x_nhwc.shape[1 + i] + 2 * padding[i] - dilation[i] * (kernel_size[i] - 1) - 1) // stride[i] + 1 for i in (0, 1)
-    )

@@ -23,32 +23,32 @@ from moe_kernels._triton import tuning
 from moe_kernels._triton.common import acc_torch_dtype, dot_settings, interpreted
 from moe_kernels._triton.packing import packed_weight, padded
 from moe_kernels._triton.schedule import build_tile_schedule
+from moe_kernels.call import ConvCall
+from moe_kernels.geometry import needed_grads, output_memory_format
+from moe_kernels.plan import sort_slots
 
-Pair = tuple[int, int]
 MAX_ROWS = 2**31 - 1
 # Cap of the weight-gradient chunks per launch (bounds the fp32 partial buffer to ~chunks x weight size).
 MAX_WGRAD_CHUNKS = 256
 
 
-def _routing(expert_idx: torch.Tensor, num_experts: int, plan, rows_per_slot: int, block_rows: int):
-    """(sample, slot, tile table) from ``plan`` (its cached tables) or, without one, sorted here."""
-    if plan is not None:
-        return plan.sample, plan.slot, plan.tile_schedule(rows_per_slot, block_rows)
-    sample, slot, counts = sorted_slots(expert_idx, num_experts)
-    return sample, slot, build_tile_schedule(counts, expert_idx.numel(), rows_per_slot, block_rows)
+def _routing(call: ConvCall, rows_per_slot: int, block_rows: int):
+    """(sample, slot, tile table) from ``call.plan`` (its cached tables) or, without one, sorted here."""
+    if call.plan is not None:
+        return call.plan.sample, call.plan.slot, call.plan.tile_schedule(rows_per_slot, block_rows)
+    sample, slot, counts = sorted_slots(call.expert_idx, call.num_experts)
+    return sample, slot, build_tile_schedule(counts, call.expert_idx.numel(), rows_per_slot, block_rows)
 
 
 def sorted_slots(expert_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sorted (sample, slot) of the B*k routing slots and per-expert counts, without a host sync.
+    """Sorted (sample, slot) of the B*k routing slots and per-expert counts, without a host sync
+    (``moe_kernels.plan.sort_slots``, the order of ``RoutingPlan``).
 
     Returns:
         sample (B*k,) int64, slot (B*k,) int64, counts (E,) int64.
     """
     top_k = expert_idx.shape[1]
-    flat = expert_idx.reshape(-1).to(torch.int64)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))  # bincount would sync on CUDA
+    order, counts = sort_slots(expert_idx, num_experts)
     return order // top_k, order % top_k, counts
 
 
@@ -96,17 +96,6 @@ def fit_block_k(config: tuning.KernelConfig, channels: int) -> tuning.KernelConf
     while block_k > 16 and channels % block_k:
         block_k //= 2
     return config if block_k == config.block_k else dataclasses.replace(config, block_k=block_k)
-
-
-def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-
-
-def like_input_format(x: torch.Tensor) -> torch.memory_format:
-    """channels_last when x is (and is not also plain contiguous), else contiguous: the op's output rule."""
-    if x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 _SM_COUNTS: dict[int, int] = {}
@@ -160,77 +149,52 @@ def warn_fallback_once(reason: str) -> None:
 
 
 def conv_forward(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    expert_idx: torch.Tensor,
-    num_experts: int,
-    gate: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    stride: Pair,
-    padding: Pair,
-    dilation: Pair,
-    residual: torch.Tensor | None = None,
-    relu: bool = False,
-    grouped_out: bool = False,
-    plan=None,
+    call: ConvCall, residual: torch.Tensor | None = None, relu: bool = False, grouped_out: bool = False
 ) -> torch.Tensor:
     """Forward v2 with the fused epilogue ``relu?(gate * (conv + bias) + residual)``.
 
     Args:
-        x: (B, C_in, H, W) any layout (channels_last avoids the one copy).
-        weight: (E*w, C_in, kh, kw); expert_idx: (B, k) int64; gate: (B, k) or None; bias: (E*w,) or None.
-        stride, padding, dilation: pairs.
+        call: the op call; x (B, C_in, H, W) any layout (channels_last avoids the one copy); ``call.plan`` a
+            ``RoutingPlan`` of expert_idx (its sorted slots and cached tile tables), or None.
         residual: None or a tensor of the output's shape (scattered: (B, k*w, H_out, W_out), any strides;
             grouped: (B*k*H_out*W_out, w)), added after the gate and before the ReLU.
         relu: fuse a ReLU.
         grouped_out: return the grouped order (B*k*H_out*W_out, w): row ``s*H_out*W_out + p`` is pixel p of
             the s-th routing slot in expert-sorted order (``sorted_slots``), instead of the scattered layout.
-        plan: a ``moe_kernels.plan.RoutingPlan`` of expert_idx (its sorted slots and cached tile tables), or None.
 
     Returns:
         (B, k*w, H_out, W_out) in x's dtype and memory format, or the grouped (B*k*H_out*W_out, w).
     """
-    batch, top_k = expert_idx.shape
+    x, weight = call.x, call.weight
+    batch, top_k, width = call.batch, call.top_k, call.width
     kh, kw = weight.shape[2:]
-    width = weight.shape[0] // num_experts
-    h_out, w_out = (output_size(x.shape[2 + i], (kh, kw)[i], stride[i], padding[i], dilation[i]) for i in (0, 1))
+    h_out, w_out = call.out_hw
     rows_per_slot = h_out * w_out
     if grouped_out:
         y = torch.empty(batch * top_k * rows_per_slot, width, dtype=x.dtype, device=x.device)
     else:
         y = torch.empty(batch, top_k * width, h_out, w_out, dtype=x.dtype, device=x.device,
-                        memory_format=like_input_format(x))  # fmt: skip
+                        memory_format=output_memory_format(x))  # fmt: skip
     if y.numel() == 0:
         return y
-    config = tuning.get_config("fwd", x.dtype, x.shape[1], width, (kh, kw), stride, x.device)
+    config = tuning.get_config("fwd", x.dtype, x.shape[1], width, (kh, kw), call.stride, x.device)
     pad = channel_pad_multiple()
     x_nhwc = nhwc_padded(x, pad)
     config = fit_block_k(config, x_nhwc.shape[3])
-    sample, slot, schedule = _routing(expert_idx, num_experts, plan, rows_per_slot, config.block_m)
+    sample, slot, schedule = _routing(call, rows_per_slot, config.block_m)
     work = schedule.num_tiles * triton.cdiv(width, config.block_n)
     from moe_kernels._triton.forward_nhwc import launch_forward_nhwc
 
     launch_forward_nhwc(
-        x_nhwc, packed_weight(weight, num_experts, "fwd", pad, config.block_n), bias, gate, residual, y,
-        (sample, slot), schedule, width, stride, padding, dilation, (kh, kw), relu, grouped_out,
+        x_nhwc, packed_weight(weight, call.num_experts, "fwd", pad, config.block_n), call.bias, call.gate, residual,
+        y, (sample, slot), schedule, width, call.stride, call.padding, call.dilation, (kh, kw), relu, grouped_out,
         dot_settings(x.dtype), config, persistent_programs(work, config, x.device),
     )  # fmt: skip
     return y
 
 
 def conv_backward(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    expert_idx: torch.Tensor,
-    num_experts: int,
-    gate: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    stride: Pair,
-    padding: Pair,
-    dilation: Pair,
-    needs: tuple[bool, bool, bool, bool],
-    plan=None,
+    grad_out: torch.Tensor, call: ConvCall, needs: tuple[bool, bool, bool, bool]
 ) -> tuple[torch.Tensor | None, ...]:
     """Backward v2: (grad_x, grad_weight, grad_bias, grad_gate), None where not needed.
 
@@ -240,23 +204,17 @@ def conv_backward(
     from moe_kernels._triton.dgrad_nhwc import launch_dgrad_nhwc
     from moe_kernels._triton.wgrad_reduce import launch_wgrad_nhwc
 
-    need_x, need_w, need_b, need_g = needs
-    need_b = need_b and bias is not None
-    need_g = need_g and gate is not None
-    batch, top_k = expert_idx.shape
+    need_x, need_w, need_b, need_g = needed_grads(needs, call.bias, call.gate)
+    x, weight, gate, bias, num_experts = call.x, call.weight, call.gate, call.bias, call.num_experts
+    stride, padding, dilation = call.stride, call.padding, call.dilation
+    batch, top_k, width = call.batch, call.top_k, call.width
+    if batch * top_k == 0 or grad_out.numel() == 0 or x.numel() == 0:
+        return call.zero_grads(needs)
     rows, c_in, kh, kw = weight.shape
-    width = rows // num_experts
     _, _, height, wid = x.shape
     acc_dtype = acc_torch_dtype(x.dtype)
     dot = dot_settings(x.dtype)
     grad_x = grad_w = grad_b = grad_g = None
-    empty = batch * top_k == 0 or grad_out.numel() == 0 or x.numel() == 0
-    if empty:
-        grad_x = torch.zeros_like(x, memory_format=torch.contiguous_format) if need_x else None
-        grad_w = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_w else None
-        grad_b = torch.zeros_like(bias) if need_b else None
-        grad_g = torch.zeros(batch, top_k, dtype=gate.dtype, device=x.device) if need_g else None
-        return grad_x, grad_w, grad_b, grad_g
     pad = channel_pad_multiple()
     x_nhwc = nhwc_padded(x, pad)  # (B, H, W, C_pad)
     go_nhwc = slots_nhwc_padded(grad_out.to(x.dtype), top_k, width, pad)  # (B, H_out, W_out, k*w_pad)
@@ -264,7 +222,7 @@ def conv_backward(
     num_slots = batch * top_k
     if need_x or need_g:
         config = fit_block_k(tuning.get_config("dgrad", x.dtype, c_in, width, (kh, kw), stride, x.device), w_pad)
-        sample, slot, schedule = _routing(expert_idx, num_experts, plan, height * wid, config.block_m)
+        sample, slot, schedule = _routing(call, height * wid, config.block_m)
         n_blocks = triton.cdiv(c_in, config.block_n)
         target = None
         if need_x:
@@ -293,7 +251,7 @@ def conv_backward(
         rows_per_slot = go_nhwc.shape[1] * go_nhwc.shape[2]
         col_programs = triton.cdiv(w_pad, config.block_n) * kh * kw * triton.cdiv(x_nhwc.shape[3], config.block_k)
         chunk = wgrad_chunk_rows(num_slots * rows_per_slot, config.block_m, col_programs, num_experts, x.device)
-        sample, slot, schedule = _routing(expert_idx, num_experts, plan, rows_per_slot, chunk)
+        sample, slot, schedule = _routing(call, rows_per_slot, chunk)
         gw5, grad_b = launch_wgrad_nhwc(
             go_nhwc, x_nhwc, gate, need_w, need_b, (sample, slot), schedule, num_experts, w_pad, stride, padding,
             dilation, (kh, kw), acc_dtype, weight.dtype if need_w else bias.dtype, dot, config,
@@ -305,7 +263,7 @@ def conv_backward(
     if need_g:
         if bias is not None:  # <g, bias> term: sum over the slot's channels of bias * spatial sum of g
             gsum = grad_out.to(acc_dtype).sum((2, 3)).reshape(batch, top_k, width)
-            bias_sel = bias.to(acc_dtype).reshape(num_experts, width)[expert_idx]  # (B, k, w)
+            bias_sel = bias.to(acc_dtype).reshape(num_experts, width)[call.expert_idx]  # (B, k, w)
             grad_g = grad_g + (gsum * bias_sel).sum(2).reshape(-1)
         grad_g = grad_g.reshape(batch, top_k).to(gate.dtype)
     return grad_x, grad_w, grad_b, grad_g

@@ -48,3 +48,20 @@ def recording() -> Iterator[list[LaunchSpec]]:
         yield _recorder
     finally:
         _recorder = previous
+
+
+def conv_args(stride, padding, dilation) -> dict:
+    """The NHWC kernels' convolution arguments (stride_h, stride_w, pad_h, pad_w, dil_h, dil_w) from int pairs."""
+    return dict(stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[1], dil_h=dilation[0],
+                dil_w=dilation[1])  # fmt: skip
+
+
+def nhwc_strides(prefix: str, t) -> dict:
+    """``{prefix}b``, ``{prefix}h``, ``{prefix}w``: the batch, row and column strides of a (B, H, W, C) view."""
+    return {f"{prefix}b": t.stride(0), f"{prefix}h": t.stride(1), f"{prefix}w": t.stride(2)}
+
+
+def gate_strides(gate) -> dict:
+    """``sgb``, ``sgk``: the strides of a (B, k) gate, zeros without one."""
+    sgb, sgk = gate.stride() if gate is not None else (0, 0)
+    return dict(sgb=sgb, sgk=sgk)

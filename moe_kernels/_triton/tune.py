@@ -29,7 +29,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
-# name -> (C_in, expert width, image side): the op benchmark's shapes (benchmarks/bench_op.py; E = 2, k = 1, 3x3).
+# name -> (C_in, expert width, image side), E = 2, k = 1, 3x3: the five benchmark shapes (c64w64@32 and the
+# ResNet-18 CIFAR layers at r = 0.5), also those of benchmarks/bench_op.py and bench_slim.
 TUNE_SHAPES = {
     "c64w64@32": (64, 64, 32),
     "r18.l1": (64, 32, 32),
@@ -106,16 +107,17 @@ def time_kind(kind, cfg, args, grad_out) -> float:
     import triton.testing
 
     from moe_kernels._triton import launcher, tuning
+    from moe_kernels.call import ConvCall
 
     x, weight, idx, gate, bias = args
-    call = (x, weight, idx, EXPERTS, gate, bias, STRIDE, (1, 1), (1, 1))
+    call = ConvCall(x, weight, idx, EXPERTS, gate, bias, STRIDE, (1, 1), (1, 1))
     with tuning.forced_configs({kind: cfg}):
         if kind == "fwd":
-            fn = lambda: launcher.conv_forward(*call)  # noqa: E731
+            fn = lambda: launcher.conv_forward(call)  # noqa: E731
         elif kind == "dgrad":
-            fn = lambda: launcher.conv_backward(grad_out, *call, (True, False, False, True))  # noqa: E731
+            fn = lambda: launcher.conv_backward(grad_out, call, (True, False, False, True))  # noqa: E731
         else:
-            fn = lambda: launcher.conv_backward(grad_out, *call, (False, True, True, False))  # noqa: E731
+            fn = lambda: launcher.conv_backward(grad_out, call, (False, True, True, False))  # noqa: E731
         return 1000.0 * triton.testing.do_bench(fn, warmup=10, rep=40)
 
 

@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_kernels._triton.spec import launch
+from moe_kernels._triton.kernel_parts import mma, slot_rows
+from moe_kernels._triton.spec import conv_args, gate_strides, launch, nhwc_strides
 
 
 # go: (B, H_out, W_out, k*WIDTH) NHWC view; x: (B, H, W, C_in) NHWC view; gate: (B, k)
@@ -58,14 +59,7 @@ def moe_conv_wgrad_partial_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE)
     acc_b = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
     for m0 in range(start, end, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        row_mask = rows < end
-        sorted_slot = rows // rows_per_slot
-        pix = rows % rows_per_slot
-        b = tl.load(sample_ptr + sorted_slot, mask=row_mask, other=0).to(tl.int64)
-        j = tl.load(slot_ptr + sorted_slot, mask=row_mask, other=0).to(tl.int64)
-        oh = pix // W_out
-        ow = pix % W_out
+        _, row_mask, b, j, oh, ow = slot_rows(m0, end, sample_ptr, slot_ptr, rows_per_slot, W_out, BLOCK_M)
         go_row = b * sgob + oh * sgoh + ow * sgow + j * WIDTH
         g = tl.load(go_ptr + go_row[:, None] + n[None, :], mask=row_mask[:, None] & n_mask[None, :], other=0.0)
         if HAS_GATE:
@@ -85,11 +79,7 @@ def moe_conv_wgrad_partial_kernel(
                 xv = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
             else:
                 xv = tl.load(x_ptrs, mask=row_ok[:, None] & c_mask[None, :], other=0.0)
-            if UPCAST:
-                acc += tl.dot(tl.trans(g.to(ACC_DTYPE)), xv.to(ACC_DTYPE), input_precision=INPUT_PRECISION,
-                              out_dtype=ACC_DTYPE)  # fmt: skip
-            else:
-                acc += tl.dot(tl.trans(g), xv, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            acc = mma(acc, tl.trans(g), xv, ACC_DTYPE, UPCAST, INPUT_PRECISION)
 
     K = KH * KW * C_in
     if NEED_W:
@@ -152,11 +142,8 @@ def launch_wgrad_nhwc(go_nhwc, x_nhwc, gate, need_w, need_b, sorted_slots, sched
         part_ptr=dummy if part is None else part, bpart_ptr=dummy if bias_part is None else bias_part,
         sample_ptr=sample, slot_ptr=slot, tile_start_ptr=schedule.tile_start, tile_end_ptr=schedule.tile_end,
         C_in=c_in, H=x_nhwc.shape[1], W=x_nhwc.shape[2], H_out=go_nhwc.shape[1], W_out=go_nhwc.shape[2], WIDTH=width,
-        sgob=go_nhwc.stride(0), sgoh=go_nhwc.stride(1), sgow=go_nhwc.stride(2),
-        sxb=x_nhwc.stride(0), sxh=x_nhwc.stride(1), sxw=x_nhwc.stride(2),
-        **dict(zip(("sgb", "sgk"), gate.stride() if gate is not None else (0, 0), strict=True)),
-        stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[1], dil_h=dilation[0],
-        dil_w=dilation[1],
+        **nhwc_strides("sgo", go_nhwc), **nhwc_strides("sx", x_nhwc), **gate_strides(gate),
+        **conv_args(stride, padding, dilation),
     )  # fmt: skip
     consts = dict(
         KH=kh, KW=kw, EVEN_K=c_in % config.block_k == 0, HAS_GATE=gate is not None, NEED_W=need_w, NEED_BIAS=need_b,

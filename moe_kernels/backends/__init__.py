@@ -1,9 +1,7 @@
 """Registry of ``sparse_moe_conv2d`` backends and the ``backend="auto"`` choice.
 
-A backend is a pair of functions with the reference's signatures
-(``forward(x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation, plan=None) -> y`` and
-``backward(grad_out, x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation, needs,
-plan=None)``),
+A backend is a pair of functions on one ``moe_kernels.call.ConvCall`` (the call's arguments):
+``forward(call) -> y`` and ``backward(grad_out, call, needs) -> (grad_x, grad_weight, grad_bias, grad_gate)``,
 the devices it serves, and a probe that says whether it is present and, if not, how to get it.
 The arguments reaching a backend are already validated.
 

@@ -1,7 +1,7 @@
 """The ``cpu`` backend: the C++ extension ``moe_kernels._C`` (csrc/cpu/sparse_moe_conv2d_kernel.cpp).
 
 The kernels are registered as ``torch.ops.moe_kernels_C.sparse_moe_conv2d_fwd`` and ``..._bwd`` for the CPU
-dispatch key; ``moe_kernels.compiled_ops`` wraps them in the backend signatures of ``moe_kernels.reference``
+dispatch key; ``moe_kernels.compiled_ops`` wraps them in the backend signatures (``moe_kernels.call``)
 (shared with the ``cuda`` backend). The C++ side checks every argument again, so calling the torch ops
 directly with bad input raises a RuntimeError instead of reading out of bounds.
 """

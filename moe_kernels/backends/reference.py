@@ -5,6 +5,6 @@ from __future__ import annotations
 
 def load():
     """Returns ``(forward, backward)`` of the reference implementation."""
-    from moe_kernels.reference import sparse_moe_conv2d_backward_ref, sparse_moe_conv2d_ref
+    from moe_kernels.reference import backward, forward
 
-    return sparse_moe_conv2d_ref, sparse_moe_conv2d_backward_ref
+    return forward, backward

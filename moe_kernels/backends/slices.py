@@ -19,38 +19,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moe_kernels.geometry import needed_grads, output_hw, output_memory_format
-from moe_kernels.plan import RoutingPlan
+from moe_kernels.call import ConvCall
+from moe_kernels.geometry import needed_grads, output_memory_format
+from moe_kernels.reference import expert_grads
 
-Pair = tuple[int, int]
 
-
-def forward(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    expert_idx: torch.Tensor,
-    num_experts: int,
-    gate: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    stride: Pair,
-    padding: Pair,
-    dilation: Pair,
-    plan: RoutingPlan | None = None,
-) -> torch.Tensor:
-    """Forward (arguments validated by the op; see ``moe_kernels.reference.sparse_moe_conv2d_ref``).
-
-    Args:
-        x: (B, C_in, H, W); weight: (E*w, C_in, kh, kw); expert_idx: (B, k); num_experts: E;
-        gate: (B, k) or None; bias: (E*w,) or None; stride, padding, dilation: int pairs.
-        plan: the ``RoutingPlan`` of expert_idx, or None to build one.
+def forward(call: ConvCall) -> torch.Tensor:
+    """Forward of the op call (validated by the op; see ``moe_kernels.reference.sparse_moe_conv2d_ref``).
 
     Returns:
         (B, k*w, H_out, W_out), in x's memory format.
     """
-    plan = plan if plan is not None else RoutingPlan.build(expert_idx, num_experts)
-    batch, top_k = expert_idx.shape
-    width = weight.shape[0] // num_experts
-    h_out, w_out = output_hw(x, weight, stride, padding, dilation)
+    x, weight, bias, gate = call.x, call.weight, call.bias, call.gate
+    plan = call.routing_plan()
+    batch, top_k, width = call.batch, call.top_k, call.width
+    h_out, w_out = call.out_hw
     out = torch.empty(batch, top_k * width, h_out, w_out, dtype=x.dtype, device=x.device,
                       memory_format=output_memory_format(x) if top_k == 1 else torch.contiguous_format)  # fmt: skip
     out_slots = out.view(batch * top_k, width, h_out, w_out) if top_k > 1 else out  # k = 1: slot index = sample
@@ -59,7 +42,8 @@ def forward(
         rows = slice(e * width, (e + 1) * width)
         n = end - start
         x_e = x[first_sample : first_sample + n] if first_sample >= 0 else x.index_select(0, plan.sample[start:end])
-        y_e = F.conv2d(x_e, weight[rows], None if bias is None else bias[rows], stride, padding, dilation)
+        y_e = F.conv2d(x_e, weight[rows], None if bias is None else bias[rows], call.stride, call.padding,
+                       call.dilation)  # fmt: skip
         if gate_sorted is not None:
             y_e = y_e * gate_sorted[start:end, None, None, None].to(y_e.dtype)
         if first_sample >= 0:
@@ -70,32 +54,24 @@ def forward(
 
 
 def backward(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    expert_idx: torch.Tensor,
-    num_experts: int,
-    gate: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    stride: Pair,
-    padding: Pair,
-    dilation: Pair,
-    needs: tuple[bool, bool, bool, bool],
-    plan: RoutingPlan | None = None,
+    grad_out: torch.Tensor, call: ConvCall, needs: tuple[bool, bool, bool, bool]
 ) -> tuple[torch.Tensor | None, ...]:
-    """Gradients for (x, weight, bias, gate), None where not needed (arguments as in ``forward``).
+    """Gradients for (x, weight, bias, gate), None where not needed; the per-expert step is the reference's
+    ``expert_grads``.
+
+    Args:
+        grad_out: (B, k*w, H_out, W_out) gradient of the output.
+        call: the op call; needs: which of (x, weight, bias, gate) need a gradient.
 
     Returns:
         (grad_x (B, C_in, H, W), grad_weight (E*w, C_in, kh, kw), grad_bias (E*w,), grad_gate (B, k)).
     """
-    need_x, need_w, need_b, need_g = needed_grads(needs, bias, gate)
-    plan = plan if plan is not None else RoutingPlan.build(expert_idx, num_experts)
-    batch, top_k = expert_idx.shape
-    width = weight.shape[0] // num_experts
-    grad_x = torch.zeros_like(x, memory_format=torch.contiguous_format) if need_x else None
-    grad_w = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_w else None
-    grad_b = torch.zeros_like(bias) if need_b else None
-    grad_g = torch.zeros(batch * top_k, dtype=gate.dtype, device=x.device) if need_g else None
+    need_x, need_w, need_b, need_g = needed_grads(needs, call.bias, call.gate)
+    x, gate = call.x, call.gate
+    plan = call.routing_plan()
+    batch, top_k, width = call.batch, call.top_k, call.width
+    grad_x, grad_w, grad_b, grad_g = call.zero_grads(needs)
+    grad_g_flat = None if grad_g is None else grad_g.view(-1)
     grad_slots = None
     for e, start, end, first_sample, slot in plan.host_groups():
         rows = slice(e * width, (e + 1) * width)
@@ -109,35 +85,19 @@ def backward(
                 grad_slots = grad_out.reshape(batch * top_k, width, *grad_out.shape[2:])
             x_e = x.index_select(0, plan.sample[start:end])
             g = grad_slots.index_select(0, flat_slots)
-        w_e = weight[rows]
         gate_e = None if gate is None else gate.reshape(-1)[flat_slots].to(g.dtype)[:, None, None, None]
-        if need_w or need_b:
-            g_scaled = g if gate_e is None else g * gate_e
-            _, gw, gb = torch.ops.aten.convolution_backward(
-                g_scaled, x_e, w_e, [width], stride, padding, dilation, False, [0, 0], 1, [False, need_w, need_b]
-            )
-            if need_w:
-                grad_w[rows] += gw
-            if need_b:
-                grad_b[rows] += gb
-        if need_x or need_g:
-            gx = torch.ops.aten.convolution_backward(
-                g, x_e, w_e, None, stride, padding, dilation, False, [0, 0], 1, [True, False, False]
-            )[0]
-            if need_g:
-                acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-                dot = (gx.to(acc) * x_e.to(acc)).sum((1, 2, 3))
-                if bias is not None:
-                    dot = dot + (g.to(acc).sum((2, 3)) * bias[rows].to(acc)).sum(1)
-                grad_g.index_copy_(0, flat_slots, dot.to(grad_g.dtype))
-            if need_x:
-                if gate_e is not None:
-                    gx = gx * gate_e
-                if first_sample >= 0:
-                    grad_x[first_sample : first_sample + n] += gx
-                else:
-                    grad_x.index_add_(0, plan.sample[start:end], gx)
-    return grad_x, grad_w, grad_b, None if grad_g is None else grad_g.reshape(batch, top_k)
+        gx, gw, gb, gate_dot = expert_grads(call, rows, g, x_e, gate_e, need_x, need_w, need_b, need_g)
+        if need_w:
+            grad_w[rows] += gw
+        if need_b:
+            grad_b[rows] += gb
+        if need_g:
+            grad_g_flat.index_copy_(0, flat_slots, gate_dot.to(grad_g.dtype))
+        if need_x and first_sample >= 0:
+            grad_x[first_sample : first_sample + n] += gx
+        elif need_x:
+            grad_x.index_add_(0, plan.sample[start:end], gx)
+    return grad_x, grad_w, grad_b, grad_g
 
 
 def load():

@@ -20,118 +20,71 @@ import importlib
 import torch
 
 from moe_kernels.backends.errors import BackendUnavailable
-from moe_kernels.plan import RoutingPlan
+from moe_kernels.call import ConvCall
+from moe_kernels.reference import backward as reference_backward
+from moe_kernels.reference import forward as reference_forward
 
 Pair = tuple[int, int]
 
 
-def _reference():
-    from moe_kernels.reference import sparse_moe_conv2d_backward_ref, sparse_moe_conv2d_ref
-
-    return sparse_moe_conv2d_ref, sparse_moe_conv2d_backward_ref
-
-
-def _fallback_reason(x: torch.Tensor, expert_idx: torch.Tensor, pixels: int) -> str | None:
+def _fallback_reason(call: ConvCall, pixels: int) -> str | None:
     from moe_kernels._triton.launcher import unsupported_reason
 
-    return unsupported_reason(x, expert_idx.numel(), pixels)
+    return unsupported_reason(call.x, call.expert_idx.numel(), pixels)
 
 
-def forward(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    expert_idx: torch.Tensor,
-    num_experts: int,
-    gate: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    stride: Pair,
-    padding: Pair,
-    dilation: Pair,
-    plan: RoutingPlan | None = None,
-) -> torch.Tensor:
-    """Forward of the op on the Triton kernels (arguments validated by the op).
+def forward(call: ConvCall) -> torch.Tensor:
+    """Forward of the op call on the Triton kernels (arguments validated by the op).
 
     Args:
-        x: (B, C_in, H, W); weight: (E*w, C_in, kh, kw); expert_idx: (B, k) int64; num_experts: E;
-        gate: (B, k) or None; bias: (E*w,) or None; stride, padding, dilation: int pairs.
-        plan: the ``RoutingPlan`` of expert_idx (sorted slots, cached tile tables), or None to sort here.
+        call: the op call; ``call.plan`` is the ``RoutingPlan`` of expert_idx (sorted slots, cached tile
+            tables), or None to sort here.
 
     Returns:
         y: (B, k*w, H_out, W_out) in x's dtype, channels_last when x is.
     """
-    return forward_fused(x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation, plan=plan)
+    return forward_fused(call)
 
 
 def forward_fused(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    expert_idx: torch.Tensor,
-    num_experts: int,
-    gate: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    stride: Pair,
-    padding: Pair,
-    dilation: Pair,
-    residual: torch.Tensor | None = None,
-    relu: bool = False,
-    grouped_out: bool = False,
-    plan: RoutingPlan | None = None,
+    call: ConvCall, residual: torch.Tensor | None = None, relu: bool = False, grouped_out: bool = False
 ) -> torch.Tensor:
     """Inference forward with the fused epilogue ``relu?(gate * (conv + bias) + residual)`` (no autograd).
 
     Args:
-        x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation: as in ``forward``;
-            for folded BatchNorm pass the scaled weight and the folded bias.
+        call: as in ``forward``; for folded BatchNorm pass the scaled weight and the folded bias.
         residual: None or a tensor of the output's shape (any strides; grouped: (B*k*H_out*W_out, w)).
         relu: fuse a ReLU after the residual add.
         grouped_out: return (B*k*H_out*W_out, w) rows in expert-sorted slot order
             (``moe_kernels._triton.launcher.sorted_slots``, the same order as ``RoutingPlan``) instead of
             (B, k*w, H_out, W_out).
-        plan: the ``RoutingPlan`` of expert_idx, or None.
 
     Returns:
         The output in x's dtype (scattered: x's memory format).
     """
-    from moe_kernels._triton.launcher import conv_forward, output_size
+    from moe_kernels._triton.launcher import conv_forward, warn_fallback_once
 
-    pixels = 1
-    for i in (0, 1):
-        pixels *= output_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i])
-    reason = _fallback_reason(x, expert_idx, pixels)
+    h_out, w_out = call.out_hw
+    reason = _fallback_reason(call, h_out * w_out)
     if reason is None:
-        return conv_forward(x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation,
-                            residual=residual, relu=relu, grouped_out=grouped_out, plan=plan)  # fmt: skip
-    from moe_kernels._triton.launcher import warn_fallback_once
-
+        return conv_forward(call, residual=residual, relu=relu, grouped_out=grouped_out)
     warn_fallback_once(reason)
     if grouped_out:
         raise ValueError(f"grouped_out=True needs the Triton kernels, which cannot run this call: {reason}")
-    y = _reference()[0](x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation, plan=plan)
+    y = reference_forward(call)
     y = y + residual if residual is not None else y
     return torch.relu(y) if relu else y
 
 
 def backward(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    expert_idx: torch.Tensor,
-    num_experts: int,
-    gate: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    stride: Pair,
-    padding: Pair,
-    dilation: Pair,
-    needs: tuple[bool, bool, bool, bool],
-    plan: RoutingPlan | None = None,
+    grad_out: torch.Tensor, call: ConvCall, needs: tuple[bool, bool, bool, bool]
 ) -> tuple[torch.Tensor | None, ...]:
-    """Backward of the op on the Triton kernels (weight, bias and gate gradients deterministic).
+    """Backward of the op call on the Triton kernels (weight, bias and gate gradients deterministic).
 
     Args:
         grad_out: (B, k*w, H_out, W_out) gradient of the output (any strides).
-        x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation: as in ``forward``.
+        call: as in ``forward``.
         needs: which of (x, weight, bias, gate) need a gradient.
-        plan: the ``RoutingPlan`` of expert_idx, or None.
 
     Returns:
         (grad_x (B, C_in, H, W), grad_weight (E*w, C_in, kh, kw), grad_bias (E*w,), grad_gate (B, k)),
@@ -139,14 +92,13 @@ def backward(
     """
     from moe_kernels._triton.launcher import conv_backward, warn_fallback_once
 
+    x = call.x
     pixels = max(x.shape[2] * x.shape[3], grad_out.shape[2] * grad_out.shape[3])
-    reason = _fallback_reason(x, expert_idx, pixels)
+    reason = _fallback_reason(call, pixels)
     if reason is None:
-        return conv_backward(grad_out, x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation,
-                             needs, plan=plan)  # fmt: skip
+        return conv_backward(grad_out, call, needs)
     warn_fallback_once(reason)
-    return _reference()[1](grad_out, x, weight, expert_idx, num_experts, gate, bias, stride, padding, dilation, needs,
-                           plan=plan)  # fmt: skip
+    return reference_backward(grad_out, call, needs)
 
 
 def auto_choice(
