@@ -32,11 +32,16 @@ def _config_dict(
     # slim r=0.5 98.6% / 94.7%, against 93.3% / 75.8% and 65.3% / 46.4% at batch 64, lr 0.02 (too few updates)
     opt = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "cosine"}
     train = {
-        "strategy": strategy, "epochs": epochs, "batch_size": 32,
+        "strategy": strategy,
+        "epochs": epochs,
+        "batch_size": 32,
         "attack": {"eps": _EPS, "alpha": _ALPHA, "steps": 2, "norm": "linf"},
-        "optimizer": dict(opt), "router_optimizer": dict(opt),
-        "eval_attack": {"eps": _EPS, "alpha": _EVAL_ALPHA, "steps": 10}, "eval_samples": 360, "log_every_steps": 5,
-    }  # fmt: skip
+        "optimizer": dict(opt),
+        "router_optimizer": dict(opt),
+        "eval_attack": {"eps": _EPS, "alpha": _EVAL_ALPHA, "steps": 10},
+        "eval_samples": 360,
+        "log_every_steps": 5,
+    }
     if moe:
         train.update(loss="ce", router_loss="task", router_steps=1, expert_steps=1)
     data = {"name": "digits", "kwargs": {"size": 32, "channels": 3}, "augment": True, "crop_padding": 2, "flip": False}
@@ -44,8 +49,13 @@ def _config_dict(
         train.update(epochs=1, max_steps=2, batch_size=16, eval_samples=32, progress=False)
         train["eval_attack"]["steps"] = 2
         data["max_train_samples"] = 64
-    model = {"name": "resnet10_mini", "num_experts": 2 if moe else None, "ratio": 0.5 if moe else 1.0, "top_k": 1,
-             "router": router}  # fmt: skip
+    model = {
+        "name": "resnet10_mini",
+        "num_experts": 2 if moe else None,
+        "ratio": 0.5 if moe else 1.0,
+        "top_k": 1,
+        "router": router,
+    }
     if moe and router != "per_layer":
         # a model-level router learns its split faster through the raw-logit gate (measured: MoE SA 70.6% after
         # 6 epochs vs 40.6% with the softmax gate); per-layer routers need the bounded softmax gate
@@ -88,10 +98,18 @@ def _usage_and_autoattack(
     y = torch.cat([b[1] for b in batches])
     short = {"autoattack_iters": 2, "autoattack_targets": 1} if quick else {}
     cfg = EvalConfig(
-        eps=_EPS, attacks=["autoattack"], autoattack_version=autoattack, router_robustness=False,
-        frozen_routing=False, pathway_worst_case=False, max_samples=min(aa_samples, x.shape[0]),
-        batch_size=120, progress=False, seed=0, **short,
-    )  # fmt: skip
+        eps=_EPS,
+        attacks=["autoattack"],
+        autoattack_version=autoattack,
+        router_robustness=False,
+        frozen_routing=False,
+        pathway_worst_case=False,
+        max_samples=min(aa_samples, x.shape[0]),
+        batch_size=120,
+        progress=False,
+        seed=0,
+        **short,
+    )
     variant = f"AutoAttack {autoattack}" + (" (2 iterations, 1 target)" if quick else "")
     out: dict[str, Any] = {"variant": variant, "n": cfg.max_samples}
     for label, model in models.items():
@@ -116,9 +134,11 @@ def _print_usage(usage: dict[str, list[float]]) -> str:
 def _print_costs(costs: dict[str, Any], device_text: str) -> str:
     flops, latency = costs["flops_g"], costs["latency_ms"]
     batches = sorted(next(iter(latency.values())))
-    lines = [f"FLOPs (fvcore, per image, router included) and latency (median ms) on {device_text}:",
-             "| model | MFLOPs/img | x dense | " + " | ".join(f"B={b} ms (x dense)" for b in batches) + " |",
-             "|---|---|---|" + "---|" * len(batches)]  # fmt: skip
+    lines = [
+        f"FLOPs (fvcore, per image, router included) and latency (median ms) on {device_text}:",
+        "| model | MFLOPs/img | x dense | " + " | ".join(f"B={b} ms (x dense)" for b in batches) + " |",
+        "|---|---|---|" + "---|" * len(batches),
+    ]
     for k in latency:
         cells = [k, f"{1e3 * flops[k]:.1f}", f"{flops[k] / flops['dense']:.3f}"]
         cells += [f"{latency[k][b]:.2f} ({latency[k][b] / latency['dense'][b]:.3f})" for b in batches]
@@ -233,9 +253,11 @@ def run_demo(
     reloaded = load_deployed(path, map_location=device)
     check_reload = check_logits(deployed, reloaded, batches[:1], device)
     print(f"\n== deployed ({deployed.deploy_mode} mode) -> {path}")
-    print(f"  logits vs training model: max |diff| {check['max_abs_diff']:.2e}, predictions agree "
-          f"{100 * check['prediction_agreement']:.1f}% of {check['n']}, SA {100 * check['deployed_sa']:.2f}%; "
-          f"reloaded max |diff| {check_reload['max_abs_diff']:.1e}")  # fmt: skip
+    print(
+        f"  logits vs training model: max |diff| {check['max_abs_diff']:.2e}, predictions agree "
+        f"{100 * check['prediction_agreement']:.1f}% of {check['n']}, SA {100 * check['deployed_sa']:.2f}%; "
+        f"reloaded max |diff| {check_reload['max_abs_diff']:.1e}"
+    )
     tol = 1e-3
     if not check["max_abs_diff"] <= tol or not check_reload["max_abs_diff"] <= tol:
         raise RuntimeError(f"deployed logits do not match the training model (tolerance {tol})")
@@ -262,6 +284,8 @@ def run_demo(
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     (out / "costs.md").write_text(table + "\n")
-    print(f"\nplots: {out / 'demo.png'}, training curves: {out}/<run>/; summary: {out / 'summary.json'} "
-          f"({summary['seconds']:.0f} s)")  # fmt: skip
+    print(
+        f"\nplots: {out / 'demo.png'}, training curves: {out}/<run>/; summary: {out / 'summary.json'} "
+        f"({summary['seconds']:.0f} s)"
+    )
     return summary

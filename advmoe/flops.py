@@ -17,18 +17,46 @@ import torch
 from torch import nn
 
 _ZERO_COST_OPS = (
-    "aten::argmax", "aten::topk", "aten::sort", "aten::argsort", "aten::index_add_", "aten::index_add",
-    "aten::ones_like", "aten::rsub", "aten::lt", "aten::le", "aten::ne", "aten::expand_as", "aten::clone",
-    "aten::max_pool2d", "aten::dropout_", "aten::feature_dropout", "aten::alias", "aten::lift_fresh",
-    "aten::bincount", "aten::numel", "aten::dim", "aten::pad",
-)  # fmt: skip
+    "aten::argmax",
+    "aten::topk",
+    "aten::sort",
+    "aten::argsort",
+    "aten::index_add_",
+    "aten::index_add",
+    "aten::ones_like",
+    "aten::rsub",
+    "aten::lt",
+    "aten::le",
+    "aten::ne",
+    "aten::expand_as",
+    "aten::clone",
+    "aten::max_pool2d",
+    "aten::dropout_",
+    "aten::feature_dropout",
+    "aten::alias",
+    "aten::lift_fresh",
+    "aten::bincount",
+    "aten::numel",
+    "aten::dim",
+    "aten::pad",
+)
 # Elementwise arithmetic fvcore does not price by default; counted as one FLOP per output element
 # only when ``count_elementwise=True`` (fvcore's own convention leaves them out).
 _ELEMENTWISE_OPS = (
-    "aten::add", "aten::add_", "aten::sub", "aten::mul", "aten::mul_", "aten::div", "aten::softmax",
+    "aten::add",
+    "aten::add_",
+    "aten::sub",
+    "aten::mul",
+    "aten::mul_",
+    "aten::div",
+    "aten::softmax",
     # the routers' input standardisation (advmoe.nn.routers.RouterInputNorm) on (B, C) pooled features
-    "aten::mean", "aten::var", "aten::pow", "aten::sqrt", "aten::where",
-)  # fmt: skip
+    "aten::mean",
+    "aten::var",
+    "aten::pow",
+    "aten::sqrt",
+    "aten::where",
+)
 
 
 def _shape(value) -> list[int]:

@@ -117,15 +117,18 @@ def _candidates(shape: Shape, t: dict, mode: str, backends: list[str]) -> dict:
 
     fns = {
         "slim": (lambda: F.conv2d(xl, swl, sbl, 1, pad), (xl, swl, sbl), t["grad_out"]),
-        "slim+epilogue": (lambda: F.conv2d(xl, swl, None, 1, pad).add_(sbl[:, None, None]).mul_(gate_col),
-                          (xl, swl, sbl), t["grad_out"]),
+        "slim+epilogue": (
+            lambda: F.conv2d(xl, swl, None, 1, pad).add_(sbl[:, None, None]).mul_(gate_col),
+            (xl, swl, sbl),
+            t["grad_out"],
+        ),
         "masked": (lambda: F.conv2d(xl, wl, bl, 1, pad) * mask, (xl, wl, bl), grad_full),
-    }  # fmt: skip
+    }
     for name in backends:
         fns[name] = (
             lambda name=name: sparse_moe_conv2d(
                 xl, wl, expert_idx, shape.experts, gl if train else None, bl, 1, pad, backend=name
-            ),  # fmt: skip
+            ),
             (xl, wl, bl, gl),
             t["grad_out"],
         )
@@ -147,8 +150,9 @@ def _max_error(shape: Shape, t: dict, dtype, backends: list[str]) -> dict:
     """Max abs error of each candidate's forward output against the fp32 reference on the same inputs."""
     m = {k: v.to(t["x"].device, torch.float32) for k, v in t["master"].items()}
     pad, active = shape.kernel // 2, shape.top_k * shape.width
-    ref = sparse_moe_conv2d(m["x"], m["weight"], t["expert_idx"], shape.experts, None, m["bias"], 1, pad,
-                            backend="reference")  # fmt: skip
+    ref = sparse_moe_conv2d(
+        m["x"], m["weight"], t["expert_idx"], shape.experts, None, m["bias"], 1, pad, backend="reference"
+    )
     errors = {}
     for name in ["slim", *backends]:
         with torch.no_grad():
@@ -156,8 +160,9 @@ def _max_error(shape: Shape, t: dict, dtype, backends: list[str]) -> dict:
                 out = F.conv2d(t["x"], t["weight"][:active], t["bias"][:active], 1, pad)
                 want = F.conv2d(m["x"], m["weight"][:active], m["bias"][:active], 1, pad)
             else:
-                out = sparse_moe_conv2d(t["x"], t["weight"], t["expert_idx"], shape.experts, None, t["bias"], 1, pad,
-                                        backend=name)  # fmt: skip
+                out = sparse_moe_conv2d(
+                    t["x"], t["weight"], t["expert_idx"], shape.experts, None, t["bias"], 1, pad, backend=name
+                )
                 want = ref
         errors[name] = float((out.float() - want).abs().max()) if out.numel() else 0.0
     return errors
@@ -199,8 +204,9 @@ def _roofline_ms(shape: Shape, batch: int, dtype: str) -> float:
     active = shape.top_k * shape.width
     flops = 2 * batch * active * shape.c_in * shape.kernel**2 * shape.size**2
     elem = torch.finfo(DTYPES[dtype]).bits // 8
-    nbytes = elem * (batch * shape.c_in * shape.size**2 + active * shape.c_in * shape.kernel**2
-                     + batch * active * shape.size**2)  # fmt: skip
+    nbytes = elem * (
+        batch * shape.c_in * shape.size**2 + active * shape.c_in * shape.kernel**2 + batch * active * shape.size**2
+    )
     return max(flops / H200[dtype], nbytes / H200["bytes_per_s"]) * 1e3
 
 
@@ -226,9 +232,13 @@ def versions() -> dict:
     except ImportError:
         triton_version = None
     dirty = git("status", "--porcelain", "--", "moe_kernels", "csrc", "benchmarks/bench_op.py", "setup.py")
-    return {"commit": git("rev-parse", "HEAD") + ("+dirty" if dirty else ""), "torch": torch.__version__,
-            "triton": triton_version, "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}  # fmt: skip
+    return {
+        "commit": git("rev-parse", "HEAD") + ("+dirty" if dirty else ""),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+    }
 
 
 def run_benchmark(args) -> dict:
@@ -252,27 +262,49 @@ def run_benchmark(args) -> dict:
             for name, fn in fns.items():
                 graph_ms, graph_error = _graph_ms(fn) if gpu else (None, "CPU: no CUDA graph")
                 ms = graph_ms if graph_ms is not None else eager[name]
-                rows.append({**asdict(shape), "shape": shape.name, "batch": batch, "mode": mode, "method": name,
-                             "ms": ms, "timing": "cuda_graph" if graph_ms is not None else "eager",
-                             "eager_ms": eager[name], "graph_ms": graph_ms, "graph_error": graph_error,
-                             "max_err_vs_fp32": errors.get(name), "roofline_fwd_ms": bound,
-                             **_profile_counts(fn, device)})  # fmt: skip
+                rows.append(
+                    {
+                        **asdict(shape),
+                        "shape": shape.name,
+                        "batch": batch,
+                        "mode": mode,
+                        "method": name,
+                        "ms": ms,
+                        "timing": "cuda_graph" if graph_ms is not None else "eager",
+                        "eager_ms": eager[name],
+                        "graph_ms": graph_ms,
+                        "graph_error": graph_error,
+                        "max_err_vs_fp32": errors.get(name),
+                        "roofline_fwd_ms": bound,
+                        **_profile_counts(fn, device),
+                    }
+                )
     for r in rows:
-        slim = next(s for s in rows if s["method"] == "slim" and (s["shape"], s["batch"], s["mode"]) ==
-                    (r["shape"], r["batch"], r["mode"]))  # fmt: skip
+        slim = next(
+            s
+            for s in rows
+            if s["method"] == "slim" and (s["shape"], s["batch"], s["mode"]) == (r["shape"], r["batch"], r["mode"])
+        )
         r["vs_slim"] = r["ms"] / slim["ms"]
         r["roofline_pct"] = 100 * r["roofline_fwd_ms"] / r["ms"] if r["mode"] == "fwd" else None
     return {
-        "benchmark": "sparse_moe_conv2d op, v2", "device": device_description(device),
-        "device_slug": device_slug(device), "dtype": args.dtype,
-        "tf32": gpu and args.dtype == "fp32", "threads": torch.get_num_threads(), "reps": args.reps,
-        "warmup": args.warmup, "backends": backends, "command": " ".join(shlex.quote(a) for a in sys.argv),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **versions(),
+        "benchmark": "sparse_moe_conv2d op, v2",
+        "device": device_description(device),
+        "device_slug": device_slug(device),
+        "dtype": args.dtype,
+        "tf32": gpu and args.dtype == "fp32",
+        "threads": torch.get_num_threads(),
+        "reps": args.reps,
+        "warmup": args.warmup,
+        "backends": backends,
+        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **versions(),
         "notes": "ms = CUDA-graph device time per call when capturable, else eager median; eager_ms = median "
         "single-call latency; roofline_pct (fwd only) against the H200 peaks in H200; max_err_vs_fp32 of the "
         "forward output; counts per call from torch.profiler",
         "rows": rows,
-    }  # fmt: skip
+    }
 
 
 def aggregate_processes(docs: list[dict]) -> dict:
@@ -283,8 +315,15 @@ def aggregate_processes(docs: list[dict]) -> dict:
     for i, row in enumerate(docs[0]["rows"]):
         values = sorted(d["rows"][i]["ms"] for d in docs)
         ratios = sorted(d["rows"][i]["vs_slim"] for d in docs)
-        merged.append({**row, "ms_min": values[0], "ms": statistics.median(values), "ms_max": values[-1],
-                       "vs_slim": statistics.median(ratios)})  # fmt: skip
+        merged.append(
+            {
+                **row,
+                "ms_min": values[0],
+                "ms": statistics.median(values),
+                "ms_max": values[-1],
+                "vs_slim": statistics.median(ratios),
+            }
+        )
     doc["rows"] = merged
     return doc
 
@@ -324,20 +363,40 @@ def op_claims(docs: list[dict]) -> list[dict]:
         precision = "tf32" if doc["tf32"] else doc["dtype"]
         for mode, tag in (("fwd", "fwd"), ("fwd+bwd", "fwdbwd")):
             for backend in doc["backends"]:
-                ratios = [r["vs_slim"] for r in doc["rows"] if r["batch"] == 256 and r["mode"] == mode
-                          and r["method"] == backend]  # fmt: skip
+                ratios = [
+                    r["vs_slim"]
+                    for r in doc["rows"]
+                    if r["batch"] == 256 and r["mode"] == mode and r["method"] == backend
+                ]
                 if ratios:
-                    claims.append({"id": f"op.{tag}.{precision}.b256.worst_vs_slim.{backend}", "value": max(ratios),
-                                   "target": None, "source": doc.get("source", "bench_op")})  # fmt: skip
+                    claims.append(
+                        {
+                            "id": f"op.{tag}.{precision}.b256.worst_vs_slim.{backend}",
+                            "value": max(ratios),
+                            "target": None,
+                            "source": doc.get("source", "bench_op"),
+                        }
+                    )
             best = [c for c in claims if c["id"].startswith(f"op.{tag}.{precision}.b256.worst_vs_slim.")]
             if best:
                 auto = min(best, key=lambda c: c["value"])
-                claims.append({**auto, "id": f"op.{tag}.{precision}.b256.worst_vs_slim",
-                               "note": f"best backend: {auto['id'].rsplit('.', 1)[1]}"})  # fmt: skip
+                claims.append(
+                    {
+                        **auto,
+                        "id": f"op.{tag}.{precision}.b256.worst_vs_slim",
+                        "note": f"best backend: {auto['id'].rsplit('.', 1)[1]}",
+                    }
+                )
         syncs = [r["d2h_copies"] + r["syncs"] for r in doc["rows"] if r["method"] in ("triton", "cuda")]
         if syncs:
-            claims.append({"id": f"op.host_syncs_per_call.{precision}", "value": max(syncs), "target": 0,
-                           "source": doc.get("source", "bench_op")})  # fmt: skip
+            claims.append(
+                {
+                    "id": f"op.host_syncs_per_call.{precision}",
+                    "value": max(syncs),
+                    "target": 0,
+                    "source": doc.get("source", "bench_op"),
+                }
+            )
     return claims
 
 

@@ -38,8 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=20.0, help="seconds per (model, batch) in each process")
     p.add_argument("--device-name", default=None, help="results folder name (default: the bench's device slug)")
     p.add_argument("--routers", nargs="+", default=["research", "per_layer"], choices=["research", "per_layer"])
-    p.add_argument("--aggregate-only", action="store_true",
-                   help="run nothing: rebuild claims.json from the stored run files")  # fmt: skip
+    p.add_argument(
+        "--aggregate-only", action="store_true", help="run nothing: rebuild claims.json from the stored run files"
+    )
     args = p.parse_args(argv)
     root = Path(__file__).resolve().parent.parent
     runs: dict[str, list[dict]] = {}
@@ -54,9 +55,31 @@ def main(argv: list[str] | None = None) -> int:
     for router in [] if args.aggregate_only else args.routers:
         for i in range(args.runs):
             with tempfile.TemporaryDirectory() as tmp:
-                cmd = [sys.executable, "-m", "advmoe", "bench", "--models", "resnet18_cifar", "--batch", "1", "64",
-                       "--threads", str(args.threads), "--router", router, "--budget", str(args.budget),
-                       "--variants", "dense", "deployed", "ideal", "router", "--out", tmp, "--no-plot"]  # fmt: skip
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "advmoe",
+                    "bench",
+                    "--models",
+                    "resnet18_cifar",
+                    "--batch",
+                    "1",
+                    "64",
+                    "--threads",
+                    str(args.threads),
+                    "--router",
+                    router,
+                    "--budget",
+                    str(args.budget),
+                    "--variants",
+                    "dense",
+                    "deployed",
+                    "ideal",
+                    "router",
+                    "--out",
+                    tmp,
+                    "--no-plot",
+                ]
                 print(f"[{router} run {i + 1}/{args.runs}] {' '.join(cmd[1:])}", flush=True)
                 subprocess.run(cmd, cwd=root, check=True, stdout=subprocess.DEVNULL)
                 runs.setdefault(router, []).append(json.loads((Path(tmp) / "models_bench.json").read_text()))
@@ -71,20 +94,33 @@ def main(argv: list[str] | None = None) -> int:
             if not args.aggregate_only:
                 (out / f"models_bench_{router}_run{i}.json").write_text(json.dumps(r, indent=1) + "\n")
         for batch, target in TARGETS.items():
-            ratios = [row["vs_dense"] for r in results for row in r["models"][0]["latency"]
-                      if row["variant"] == "deployed" and row["batch"] == batch]  # fmt: skip
+            ratios = [
+                row["vs_dense"]
+                for r in results
+                for row in r["models"][0]["latency"]
+                if row["variant"] == "deployed" and row["batch"] == batch
+            ]
             modes = sorted({r["models"][0]["deploy_mode"] for r in results})
-            claims.append({
-                "id": f"model.resnet18_cifar.cpu.b{batch}.deployed_vs_dense.{router}",
-                "value": statistics.median(ratios), "target": target,
-                "min": min(ratios), "max": max(ratios), "runs": len(ratios), "met": statistics.median(ratios) <= target,
-                "source": f"benchmarks/results/{device}/models_bench_{router}_run*.json (deployed modes {modes}; "
-                f"{args.threads} threads; median of per-process medians over {len(ratios)} processes)",
-            })  # fmt: skip
-    doc = {"commit": first["provenance"]["commit"] if len(commits) == 1 else sorted(commits),
-           "dirty": any(r["provenance"]["dirty"] for rs in runs.values() for r in rs), "device": first["device"],
-           "command": "python benchmarks/cpu_claims.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "claims": claims}  # fmt: skip
+            claims.append(
+                {
+                    "id": f"model.resnet18_cifar.cpu.b{batch}.deployed_vs_dense.{router}",
+                    "value": statistics.median(ratios),
+                    "target": target,
+                    "min": min(ratios),
+                    "max": max(ratios),
+                    "runs": len(ratios),
+                    "met": statistics.median(ratios) <= target,
+                    "source": f"benchmarks/results/{device}/models_bench_{router}_run*.json (deployed modes {modes}; "
+                    f"{args.threads} threads; median of per-process medians over {len(ratios)} processes)",
+                }
+            )
+    doc = {
+        "commit": first["provenance"]["commit"] if len(commits) == 1 else sorted(commits),
+        "dirty": any(r["provenance"]["dirty"] for rs in runs.values() for r in rs),
+        "device": first["device"],
+        "command": "python benchmarks/cpu_claims.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "claims": claims,
+    }
     (out / "claims.json").write_text(json.dumps(doc, indent=1) + "\n")
     for c in claims:
         print(f"{c['id']}: {c['value']:.3f} (min {c['min']:.3f}, max {c['max']:.3f}; target <= {c['target']})")

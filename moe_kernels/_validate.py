@@ -53,8 +53,14 @@ def check_sparse_moe_conv2d_args(call: ConvCall) -> tuple[int, int]:
         TypeError: an argument has the wrong type or dtype.
         ValueError: an argument has the wrong shape or value, or tensors sit on different devices.
     """
-    x, weight, expert_idx, num_experts, gate, bias = (call.x, call.weight, call.expert_idx, call.num_experts,
-                                                      call.gate, call.bias)  # fmt: skip
+    x, weight, expert_idx, num_experts, gate, bias = (
+        call.x,
+        call.weight,
+        call.expert_idx,
+        call.num_experts,
+        call.gate,
+        call.bias,
+    )
     stride, padding, dilation = call.stride, call.padding, call.dilation
     for name, t in (("x", x), ("weight", weight), ("expert_idx", expert_idx)):
         if not isinstance(t, torch.Tensor):

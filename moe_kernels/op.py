@@ -216,6 +216,16 @@ def sparse_moe_conv2d(
     # as fvcore's and torch.export's, like the rest of the op).
     plan_tensors = plan.tensors() if plan is not None else []
     return _sparse_moe_conv2d_op(
-        x, weight, expert_idx, gate, bias, num_experts, list(stride), list(padding), list(dilation), activation,
-        name, plan_tensors,
-    )  # fmt: skip
+        x,
+        weight,
+        expert_idx,
+        gate,
+        bias,
+        num_experts,
+        list(stride),
+        list(padding),
+        list(dilation),
+        activation,
+        name,
+        plan_tensors,
+    )

@@ -94,8 +94,9 @@ def forward(call: ConvCall) -> torch.Tensor:
     for e, start, end in groups.ranges():
         rows = slice(e * width, (e + 1) * width)
         sample, slot = groups.sample[start:end], groups.slot[start:end]
-        y = F.conv2d(x[sample], weight[rows], None if bias is None else bias[rows], call.stride, call.padding,
-                     call.dilation)  # fmt: skip
+        y = F.conv2d(
+            x[sample], weight[rows], None if bias is None else bias[rows], call.stride, call.padding, call.dilation
+        )
         out = out.index_put((sample, slot), y)
     if call.gate is not None:
         out = out * call.gate.to(out.dtype)[:, :, None, None, None]
@@ -158,8 +159,9 @@ def expert_grads(
     gx = gw = gb = gate_dot = None
     if need_w or need_b:
         g_scaled = g if gate_e is None else g * gate_e
-        _, gw, gb = torch.ops.aten.convolution_backward(g_scaled, x_e, w_e, [w_e.shape[0]], *conv,
-                                                        [False, need_w, need_b])  # fmt: skip
+        _, gw, gb = torch.ops.aten.convolution_backward(
+            g_scaled, x_e, w_e, [w_e.shape[0]], *conv, [False, need_w, need_b]
+        )
     if need_x or need_g:
         gx = torch.ops.aten.convolution_backward(g, x_e, w_e, None, *conv, [True, False, False])[0]
         if need_g:

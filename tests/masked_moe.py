@@ -52,9 +52,16 @@ class MaskedTwin(nn.Module):
         layer = self.layer
         expert_idx, gate = layer.route(x, routing)
         return masked_moe_conv(
-            x, layer.weight, layer.bias, expert_idx, gate, layer.num_experts, layer.stride, layer.padding,
+            x,
+            layer.weight,
+            layer.bias,
+            expert_idx,
+            gate,
+            layer.num_experts,
+            layer.stride,
+            layer.padding,
             layer.dilation,
-        )  # fmt: skip
+        )
 
 
 def masked_twin_(model: nn.Module) -> nn.Module:
@@ -175,9 +182,11 @@ class ResearchStage(nn.Module):
     def __init__(self, n, in_planes, out_planes, stride, num_experts):
         super().__init__()
         self.layer = nn.Sequential(
-            *[ResearchWideBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, num_experts)
-              for i in range(n)]
-        )  # fmt: skip
+            *[
+                ResearchWideBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, num_experts)
+                for i in range(n)
+            ]
+        )
 
     def forward(self, x):
         return self.layer(x)

@@ -132,9 +132,21 @@ def _corrupt(args, kind, value):
 
 
 KINDS = [
-    "idx_high", "idx_negative", "idx_float", "idx_rank", "gate_shape", "bias_shape", "x_rank",
-    "weight_dtype", "rows_not_divisible", "stride", "padding", "too_small", "channels", "num_experts_zero",
-]  # fmt: skip
+    "idx_high",
+    "idx_negative",
+    "idx_float",
+    "idx_rank",
+    "gate_shape",
+    "bias_shape",
+    "x_rank",
+    "weight_dtype",
+    "rows_not_divisible",
+    "stride",
+    "padding",
+    "too_small",
+    "channels",
+    "num_experts_zero",
+]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -142,8 +154,9 @@ def test_invalid_inputs_raise(backend):
     @settings(max_examples=20 if backend == "triton" else 80, **SETTINGS)
     @given(op_args(), st.sampled_from(KINDS), st.integers(0, 10**6))
     def check(args, kind, value):
-        args = {k: v.to(_dtype_for(backend)) if torch.is_tensor(v) and v.is_floating_point() else v
-                for k, v in args.items()}  # fmt: skip
+        args = {
+            k: v.to(_dtype_for(backend)) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in args.items()
+        }
         bad = _corrupt(args, kind, value)
         if kind in ("idx_high", "idx_negative") and bad["expert_idx"].numel() == 0:
             return  # no index to be wrong
@@ -166,7 +179,16 @@ def test_cpp_entry_points_check_indices():
         idx.view(-1)[0] = value
         fwd = torch.ops.moe_kernels_C.sparse_moe_conv2d_fwd
         with pytest.raises(RuntimeError):
-            fwd(args["x"], args["weight"], idx, args["gate"], args["bias"], args["num_experts"],
-                list(args["stride"]), list(args["padding"]), list(args["dilation"]))  # fmt: skip
+            fwd(
+                args["x"],
+                args["weight"],
+                idx,
+                args["gate"],
+                args["bias"],
+                args["num_experts"],
+                list(args["stride"]),
+                list(args["padding"]),
+                list(args["dilation"]),
+            )
 
     check()

@@ -102,8 +102,16 @@ def test_bench_quick_writes_json_md_png(quick_bench):
 def test_per_layer_balance_and_like_for_like_variants():
     from advmoe.bench.models import build_variants, per_layer_share
 
-    variants, moe = build_variants("resnet10_mini", 0.5, 2, torch.device("cpu"), torch.float32, ["reference"],
-                                   router="per_layer", variants=["dense", "deployed", "ideal"])  # fmt: skip
+    variants, moe = build_variants(
+        "resnet10_mini",
+        0.5,
+        2,
+        torch.device("cpu"),
+        torch.float32,
+        ["reference"],
+        router="per_layer",
+        variants=["dense", "deployed", "ideal"],
+    )
     assert set(variants) == {"dense", "deployed", "ideal"}
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for v in variants.values() for m in v.modules())
     low, mean, high = per_layer_share(moe, torch.rand(128, 3, 32, 32, generator=torch.Generator().manual_seed(1234)))

@@ -20,8 +20,21 @@ def _bench_module():
 
 
 def test_bench_op_quick_writes_results(tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_op.py"), "--quick", "--quiet", "--out-dir",
-           str(tmp_path), "--threads", "1", "--processes", "2", "--modes", "fwd", "fwd+bwd"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "benchmarks", "bench_op.py"),
+        "--quick",
+        "--quiet",
+        "--out-dir",
+        str(tmp_path),
+        "--threads",
+        "1",
+        "--processes",
+        "2",
+        "--modes",
+        "fwd",
+        "fwd+bwd",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((tmp_path / "op_bench.json").read_text())
@@ -48,13 +61,29 @@ def test_claims_from_bench_docs(tmp_path):
     bench = _bench_module()
 
     def row(method, mode, ratio, shape="a"):
-        return {"shape": shape, "batch": 256, "mode": mode, "method": method, "vs_slim": ratio, "d2h_copies": 0.0,
-                "syncs": 1.0 if method == "cuda" else 0.0}  # fmt: skip
+        return {
+            "shape": shape,
+            "batch": 256,
+            "mode": mode,
+            "method": method,
+            "vs_slim": ratio,
+            "d2h_copies": 0.0,
+            "syncs": 1.0 if method == "cuda" else 0.0,
+        }
 
-    doc = {"dtype": "bf16", "tf32": False, "backends": ["triton", "cuda"], "rows": [
-        row("triton", "fwd", 3.0), row("triton", "fwd", 5.0, "b"), row("cuda", "fwd", 2.0),
-        row("cuda", "fwd", 2.5, "b"), row("triton", "fwd+bwd", 4.0), row("cuda", "fwd+bwd", 6.0),
-    ]}  # fmt: skip
+    doc = {
+        "dtype": "bf16",
+        "tf32": False,
+        "backends": ["triton", "cuda"],
+        "rows": [
+            row("triton", "fwd", 3.0),
+            row("triton", "fwd", 5.0, "b"),
+            row("cuda", "fwd", 2.0),
+            row("cuda", "fwd", 2.5, "b"),
+            row("triton", "fwd+bwd", 4.0),
+            row("cuda", "fwd+bwd", 6.0),
+        ],
+    }
     claims = {c["id"]: c for c in bench.op_claims([doc])}
     assert claims["op.fwd.bf16.b256.worst_vs_slim.triton"]["value"] == 5.0
     assert claims["op.fwd.bf16.b256.worst_vs_slim"]["value"] == 2.5  # best backend's worst shape

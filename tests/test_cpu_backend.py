@@ -28,10 +28,19 @@ def _inputs(batch, top_k, experts=3, c_in=6, width=5, size=9, seed=0, dtype=torc
 def _compare(x, weight, expert_idx, experts, gate, bias, stride=1, padding=1, tol=1e-10):
     leaves = [t.detach().clone().requires_grad_() for t in (x, weight, gate, bias)]
     ref_leaves = [t.detach().clone().requires_grad_() for t in (x, weight, gate, bias)]
-    out = sparse_moe_conv2d(leaves[0], leaves[1], expert_idx, experts, leaves[2], leaves[3], stride, padding,
-                            backend="cpu")  # fmt: skip
-    want = sparse_moe_conv2d_ref(ref_leaves[0], ref_leaves[1], expert_idx, experts, ref_leaves[2], ref_leaves[3],
-                                 (stride, stride), (padding, padding))  # fmt: skip
+    out = sparse_moe_conv2d(
+        leaves[0], leaves[1], expert_idx, experts, leaves[2], leaves[3], stride, padding, backend="cpu"
+    )
+    want = sparse_moe_conv2d_ref(
+        ref_leaves[0],
+        ref_leaves[1],
+        expert_idx,
+        experts,
+        ref_leaves[2],
+        ref_leaves[3],
+        (stride, stride),
+        (padding, padding),
+    )
     assert_close(out, want, tol, tol, "forward")
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=out.dtype)
     got = torch.autograd.grad(out, leaves, grad)

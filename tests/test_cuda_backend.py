@@ -34,14 +34,16 @@ def _no_tf32():
 
 def _call(case, inputs, **kwargs):
     x, weight, expert_idx, gate, bias = inputs
-    return sparse_moe_conv2d(x, weight, expert_idx, case.experts, gate, bias, case.stride, case.padding,
-                             case.dilation, **kwargs)  # fmt: skip
+    return sparse_moe_conv2d(
+        x, weight, expert_idx, case.experts, gate, bias, case.stride, case.padding, case.dilation, **kwargs
+    )
 
 
 def _ref(case, inputs):
     x, weight, expert_idx, gate, bias = inputs
-    return sparse_moe_conv2d_ref(x, weight, expert_idx, case.experts, gate, bias, case.stride, case.padding,
-                                 case.dilation)  # fmt: skip
+    return sparse_moe_conv2d_ref(
+        x, weight, expert_idx, case.experts, gate, bias, case.stride, case.padding, case.dilation
+    )
 
 
 def _grads(out, inputs, seed=1):
@@ -110,8 +112,9 @@ def test_low_precision_error_rule(case_name, dtype):
     err = (out.float() - expected).abs().max().item()
     base_err = (baseline.float() - expected).abs().max().item()
     assert err <= 2 * base_err + 1e-5, f"forward: max err {err:.3e} vs plain PyTorch {base_err:.3e}"
-    pairs = zip(_names(low), _grads(out, low), _grads(expected, exact_inputs), _grads(baseline, base_inputs),
-                strict=True)  # fmt: skip
+    pairs = zip(
+        _names(low), _grads(out, low), _grads(expected, exact_inputs), _grads(baseline, base_inputs), strict=True
+    )
     for name, got, want, base in pairs:
         err = (got.float() - want).abs().max().item()
         base_err = (base.float() - want).abs().max().item()
@@ -124,8 +127,9 @@ def test_gradcheck_fp64(case_name):
     x, weight, expert_idx, gate, bias = make_inputs(case, torch.float64, device="cuda")
 
     def fn(x, weight, gate, bias):
-        return sparse_moe_conv2d(x, weight, expert_idx, case.experts, gate, bias, case.stride, case.padding,
-                                 case.dilation, backend="cuda")  # fmt: skip
+        return sparse_moe_conv2d(
+            x, weight, expert_idx, case.experts, gate, bias, case.stride, case.padding, case.dilation, backend="cuda"
+        )
 
     assert torch.autograd.gradcheck(fn, (x, weight, gate, bias))
 
@@ -167,8 +171,9 @@ def test_bad_index_through_torch_ops_raises(bad):
         torch.ops.moe_kernels_C.sparse_moe_conv2d_fwd(x, weight, expert_idx, gate, bias, *args)
     grad_out = torch.ones(case.batch, case.width, *case.size, device="cuda")
     with pytest.raises((ValueError, RuntimeError), match="expert_idx"):
-        torch.ops.moe_kernels_C.sparse_moe_conv2d_bwd(grad_out, x, weight, expert_idx, gate, bias, *args,
-                                                      [True, True, True, True])  # fmt: skip
+        torch.ops.moe_kernels_C.sparse_moe_conv2d_bwd(
+            grad_out, x, weight, expert_idx, gate, bias, *args, [True, True, True, True]
+        )
     with pytest.raises(ValueError, match="expert_idx"):
         sparse_moe_conv2d(x, weight, expert_idx, case.experts, gate, bias, 1, 1, backend="cuda")
     torch.cuda.synchronize()
@@ -200,8 +205,9 @@ def test_binding_validates_arguments(change, match):
         gate = gate[:, None, :]
     kw.update({k: v for k, v in change.items() if k in kw})
     with pytest.raises((ValueError, TypeError, RuntimeError, NotImplementedError), match=match):
-        torch.ops.moe_kernels_C.sparse_moe_conv2d_fwd(x, weight, expert_idx, gate, bias, kw["num_experts"],
-                                                      kw["stride"], kw["padding"], [1, 1])  # fmt: skip
+        torch.ops.moe_kernels_C.sparse_moe_conv2d_fwd(
+            x, weight, expert_idx, gate, bias, kw["num_experts"], kw["stride"], kw["padding"], [1, 1]
+        )
 
 
 def test_wrong_grad_out_shape_raises():
@@ -209,15 +215,28 @@ def test_wrong_grad_out_shape_raises():
     x, weight, expert_idx, gate, bias = make_inputs(case, device="cuda")
     grad_out = torch.ones(case.batch, case.width + 1, *case.size, device="cuda")
     with pytest.raises(ValueError, match="grad_out"):
-        torch.ops.moe_kernels_C.sparse_moe_conv2d_bwd(grad_out, x, weight, expert_idx, gate, bias, case.experts,
-                                                      [1, 1], [1, 1], [1, 1], [True, True, True, True])  # fmt: skip
+        torch.ops.moe_kernels_C.sparse_moe_conv2d_bwd(
+            grad_out, x, weight, expert_idx, gate, bias, case.experts, [1, 1], [1, 1], [1, 1], [True, True, True, True]
+        )
 
 
 def test_opcheck():
     case = CASES["k2_of_4"]
     x, weight, expert_idx, gate, bias = make_inputs(case, torch.float64, device="cuda")
-    args = (x, weight, expert_idx, gate, bias, case.experts, list(case.stride), list(case.padding),
-            list(case.dilation), "none", "cuda", [])  # fmt: skip
+    args = (
+        x,
+        weight,
+        expert_idx,
+        gate,
+        bias,
+        case.experts,
+        list(case.stride),
+        list(case.padding),
+        list(case.dilation),
+        "none",
+        "cuda",
+        [],
+    )
     torch.library.opcheck(torch.ops.moe_kernels.sparse_moe_conv2d.default, args)
 
 
@@ -227,8 +246,9 @@ def test_fused_relu_and_compile():
     x, weight, expert_idx, gate, bias = _detached(inputs)
 
     def fn(x):
-        return sparse_moe_conv2d(x, weight, expert_idx, case.experts, gate, bias, 1, 1, backend="cuda",
-                                 activation="relu")  # fmt: skip
+        return sparse_moe_conv2d(
+            x, weight, expert_idx, case.experts, gate, bias, 1, 1, backend="cuda", activation="relu"
+        )
 
     expected = torch.relu(_call(case, (x, weight, expert_idx, gate, bias), backend="reference"))
     assert_close(fn(x).cpu(), expected.cpu(), 1e-4, 1e-4, "relu")

@@ -61,8 +61,10 @@ def test_missing_cuda_backend_says_how_to_get_it():
     from moe_kernels.backends import BackendUnavailable
     from moe_kernels.backends import cuda as cuda_ext
 
-    with pytest.raises(BackendUnavailable, match="ADVMOE_CUDA=1 pip install --no-build-isolation -e ."
-                       if torch.version.cuda is None else "GPU"):  # fmt: skip
+    with pytest.raises(
+        BackendUnavailable,
+        match="ADVMOE_CUDA=1 pip install --no-build-isolation -e ." if torch.version.cuda is None else "GPU",
+    ):
         cuda_ext.load()
     assert "cuda" not in moe_kernels.available_backends()
     assert moe_kernels.unavailable_reason("cuda")
@@ -96,8 +98,17 @@ def test_kernel_files_have_no_torch_dependency():
 @needs_nvcc
 def test_standalone_program_compiles_and_links(tmp_path):
     exe = tmp_path / "standalone_test"
-    cmd = [NVCC, "-std=c++17", "-O1", "-gencode", "arch=compute_90,code=sm_90", "-o", str(exe),
-           str(CUDA_DIR / "standalone_test.cu"), str(CUDA_DIR / "sparse_moe_conv2d_kernel.cu")]  # fmt: skip
+    cmd = [
+        NVCC,
+        "-std=c++17",
+        "-O1",
+        "-gencode",
+        "arch=compute_90,code=sm_90",
+        "-o",
+        str(exe),
+        str(CUDA_DIR / "standalone_test.cu"),
+        str(CUDA_DIR / "sparse_moe_conv2d_kernel.cu"),
+    ]
     result = _run(cmd)
     assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stderr}"
     assert exe.exists() and os.access(exe, os.X_OK)
@@ -134,8 +145,17 @@ def test_torch_binding_syntax(tmp_path):
     flags = ["-isystem", str(stub)]
     for path in [*torch_includes, Path(sysconfig.get_paths()["include"]), cuda_include]:
         flags += ["-isystem", str(path)]
-    cmd = ["g++", "-fsyntax-only", "-std=c++17", "-Wall", "-Wextra", *flags, "-DTORCH_EXTENSION_NAME=_C_cuda",
-           "-DTORCH_API_INCLUDE_EXTENSION_H", str(CUDA_DIR / "sparse_moe_conv2d_cuda.cpp")]  # fmt: skip
+    cmd = [
+        "g++",
+        "-fsyntax-only",
+        "-std=c++17",
+        "-Wall",
+        "-Wextra",
+        *flags,
+        "-DTORCH_EXTENSION_NAME=_C_cuda",
+        "-DTORCH_API_INCLUDE_EXTENSION_H",
+        str(CUDA_DIR / "sparse_moe_conv2d_cuda.cpp"),
+    ]
     result = _run(cmd)
     assert result.returncode == 0, result.stderr[-6000:]
     assert not _own_warnings(result.stderr), result.stderr[-6000:]

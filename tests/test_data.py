@@ -356,8 +356,10 @@ def _write_mnist(folder, n_train, n_test, gz, seed=0):
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
-    for split, n, (img, lbl) in (("train", n_train, ("train-images", "train-labels")),
-                                 ("test", n_test, ("t10k-images", "t10k-labels"))):  # fmt: skip
+    for split, n, (img, lbl) in (
+        ("train", n_train, ("train-images", "train-labels")),
+        ("test", n_test, ("t10k-images", "t10k-labels")),
+    ):
         images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
         labels = rng.integers(0, 10, size=n).astype(np.uint8)
         _write_idx(folder / f"{img}-idx3-ubyte", images, gz)

@@ -12,9 +12,14 @@ from advmoe.deploy import load_deployed
 
 @pytest.mark.parametrize(
     ("kwargs", "name"),
-    [({"router": "moe"}, "router"), ({"autoattack": "slow"}, "autoattack"), ({"epochs": 0}, "epochs"),
-     ({"latency_batches": [1, 0]}, "latency_batches"), ({"aa_samples": 2.5}, "aa_samples")],
-)  # fmt: skip
+    [
+        ({"router": "moe"}, "router"),
+        ({"autoattack": "slow"}, "autoattack"),
+        ({"epochs": 0}, "epochs"),
+        ({"latency_batches": [1, 0]}, "latency_batches"),
+        ({"aa_samples": 2.5}, "aa_samples"),
+    ],
+)
 def test_run_demo_names_a_bad_argument_before_any_work(tmp_path, kwargs, name):
     with pytest.raises(ValueError, match=name):
         run_demo(out=tmp_path / "demo", **kwargs)

@@ -248,8 +248,9 @@ def test_grouped_mode_matches_source(name):
     balance_router(model, x[:4])
     deployed = to_sparse(model, mode="grouped", example_input=x[:2])
     assert isinstance(deployed, GroupedMoE) and deployed.deploy_mode == "grouped" and deployed.router_folded
-    assert not any(isinstance(m, SparseMoEConv2d) and type(m).__name__ != "GroupedExpertConv2d"
-                   for m in deployed.modules())  # fmt: skip
+    assert not any(
+        isinstance(m, SparseMoEConv2d) and type(m).__name__ != "GroupedExpertConv2d" for m in deployed.modules()
+    )
     if name.startswith(("resnet", "vgg")):
         assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())
     assert len(set(deployed.route(x).tolist())) == 2
@@ -397,8 +398,9 @@ def test_sync_free_capture_forms_match_eager_forms():
         choice = deployed.route(x)
         xn = deployed.normalize(x)
         _assert_close(deployed._select_forward(xn, choice), deployed(x), atol=1e-6)
-    layer = next(m for m in to_sparse(_moe("resnet10_mini", router="per_layer")).modules()
-                 if isinstance(m, RoutedExpertConv2d))  # fmt: skip
+    layer = next(
+        m for m in to_sparse(_moe("resnet10_mini", router="per_layer")).modules() if isinstance(m, RoutedExpertConv2d)
+    )
     feats = torch.randn(5, layer.in_channels, 9, 9)
     with torch.no_grad():
         choice = layer.router(feats).argmax(1)

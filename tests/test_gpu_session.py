@@ -13,14 +13,34 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SESSION_STEPS = [
-    "build", "standalone_build", "standalone_run", "sanitize_memcheck", "sanitize_racecheck", "backends",
-    "pytest_cuda_gpu", "sanitize_torch_cuda", "sanitize_torch_triton", "triton_tune", "bench_op_bf16",
-    "bench_op_fp32", "bench_triton_slim", "bench_models_bf16",
-]  # fmt: skip
+    "build",
+    "standalone_build",
+    "standalone_run",
+    "sanitize_memcheck",
+    "sanitize_racecheck",
+    "backends",
+    "pytest_cuda_gpu",
+    "sanitize_torch_cuda",
+    "sanitize_torch_triton",
+    "triton_tune",
+    "bench_op_bf16",
+    "bench_op_fp32",
+    "bench_triton_slim",
+    "bench_models_bf16",
+]
 MODEL_STEPS = [
-    "pytest_deploy_cuda", "logits_gpu", "bf16_graph", "bf16_eager", "claims", "fp32_graph", "fp32_eager",
-    "kernel_counts", "bf16_compile", "bf16_graph_pl", "bf16_eager_pl",
-]  # fmt: skip
+    "pytest_deploy_cuda",
+    "logits_gpu",
+    "bf16_graph",
+    "bf16_eager",
+    "claims",
+    "fp32_graph",
+    "fp32_eager",
+    "kernel_counts",
+    "bf16_compile",
+    "bf16_graph_pl",
+    "bf16_eager_pl",
+]
 BASH = shutil.which("bash")
 pytestmark = pytest.mark.skipif(BASH is None, reason="needs bash")
 
@@ -28,8 +48,13 @@ pytestmark = pytest.mark.skipif(BASH is None, reason="needs bash")
 def _dry_run(script: str, out: Path, **env: str) -> list[str]:
     """Runs ``script`` with DRY_RUN=1 into ``out``; returns the lines of its summary."""
     run_env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "BUDGET_S": "10000", **env}
-    proc = subprocess.run([BASH, str(ROOT / script), str(out)], env={**run_env, "OUT": str(out)},
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [BASH, str(ROOT / script), str(out)],
+        env={**run_env, "OUT": str(out)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return (out / "summary.txt").read_text().splitlines()
 
@@ -53,8 +78,10 @@ def test_session_budget_and_step_filter(tmp_path):
     ], spent
     some = _dry_run("scripts/gpu_session.sh", tmp_path / "some", STEPS="triton_tune bench_op_*")
     assert [line.split()[1] for line in some if line.startswith("DRY ")] == [
-        "triton_tune", "bench_op_bf16", "bench_op_fp32"
-    ], some  # fmt: skip
+        "triton_tune",
+        "bench_op_bf16",
+        "bench_op_fp32",
+    ], some
     assert "SKIP build (not in STEPS)" in some and "SKIP pytest_cuda_gpu (not in STEPS)" in some
 
 

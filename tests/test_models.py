@@ -21,10 +21,19 @@ from advmoe.nn import (
 from tests.masked_moe import masked_twin_, randomize_
 
 ZOO = [
-    "resnet18_cifar", "resnet34_cifar", "resnet50_cifar", "resnet18_imagenet", "resnet50_imagenet",
-    "wrn_28_10_cifar", "wrn_34_10_cifar", "vgg16_bn", "vgg16", "densenet_cifar", "densenet_imagenet",
+    "resnet18_cifar",
+    "resnet34_cifar",
+    "resnet50_cifar",
+    "resnet18_imagenet",
+    "resnet50_imagenet",
+    "wrn_28_10_cifar",
+    "wrn_34_10_cifar",
+    "vgg16_bn",
+    "vgg16",
+    "densenet_cifar",
+    "densenet_imagenet",
     "resnet10_mini",
-]  # fmt: skip
+]
 
 
 def _size(name):
@@ -175,9 +184,15 @@ def test_widths_dense_slim_and_moe():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"ratio": 0.0}, "ratio"), ({"num_experts": 2, "top_k": 3}, "top_k"), ({"router": "global"}, "router"),
-     ({"normalize": ([0.5], [0.2])}, "normalize"), ({"num_classes": 0}, "num_classes"), ({"ratio": 0.001}, "ratio")],
-)  # fmt: skip
+    [
+        ({"ratio": 0.0}, "ratio"),
+        ({"num_experts": 2, "top_k": 3}, "top_k"),
+        ({"router": "global"}, "router"),
+        ({"normalize": ([0.5], [0.2])}, "normalize"),
+        ({"num_classes": 0}, "num_classes"),
+        ({"ratio": 0.001}, "ratio"),
+    ],
+)
 def test_create_model_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         create_model("resnet10_mini", **kwargs)

@@ -22,9 +22,19 @@ def _layer(case, **kwargs):
     c_in, c_out, ksize, stride, padding, dilation, experts, k, bias = case[:9]
     torch.manual_seed(0)
     layer = SparseMoEConv2d(
-        c_in, c_out, ksize, stride, padding, dilation, bias=bias, num_experts=experts, top_k=k, dtype=torch.float64,
-        backend="reference", **kwargs,
-    )  # fmt: skip
+        c_in,
+        c_out,
+        ksize,
+        stride,
+        padding,
+        dilation,
+        bias=bias,
+        num_experts=experts,
+        top_k=k,
+        dtype=torch.float64,
+        backend="reference",
+        **kwargs,
+    )
     if bias:
         layer.bias.data.normal_()
     return layer
@@ -40,9 +50,16 @@ def test_matches_masked_full_conv_forward_and_backward(case):
     y = layer(x, routing)
     assert y.shape[1] == layer.out_channels
     expected = masked_moe_conv(
-        x, layer.weight, layer.bias, routing.expert_idx, routing.gate, layer.num_experts, layer.stride,
-        layer.padding, layer.dilation,
-    )  # fmt: skip
+        x,
+        layer.weight,
+        layer.bias,
+        routing.expert_idx,
+        routing.gate,
+        layer.num_experts,
+        layer.stride,
+        layer.padding,
+        layer.dilation,
+    )
     torch.testing.assert_close(y, expected)
     grad = torch.randn_like(y)
     params = [x, layer.weight, logits] + ([layer.bias] if layer.bias is not None else [])

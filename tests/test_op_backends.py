@@ -13,8 +13,17 @@ from moe_kernels import sparse_moe_conv2d, sparse_moe_conv2d_ref
 
 CPU_BACKENDS = ["reference", "cpu", "triton", "slices"]
 # The Triton interpreter is slow: it gets the cases that exercise distinct code paths.
-TRITON_CASES = ["basic", "no_bias_no_gate", "k2_of_4", "stride2_pad0", "dilation2", "empty_expert", "batch0",
-                "channels_last", "odd_big"]  # fmt: skip
+TRITON_CASES = [
+    "basic",
+    "no_bias_no_gate",
+    "k2_of_4",
+    "stride2_pad0",
+    "dilation2",
+    "empty_expert",
+    "batch0",
+    "channels_last",
+    "odd_big",
+]
 
 
 def _cases_for(backend):
@@ -69,8 +78,9 @@ def test_gradcheck_fp64(backend, case_name):
     x, weight, expert_idx, gate, bias = make_inputs(case, torch.float64)
 
     def fn(x, weight, gate, bias):
-        return sparse_moe_conv2d(x, weight, expert_idx, case.experts, gate, bias, case.stride, case.padding,
-                                 case.dilation, backend=backend)  # fmt: skip
+        return sparse_moe_conv2d(
+            x, weight, expert_idx, case.experts, gate, bias, case.stride, case.padding, case.dilation, backend=backend
+        )
 
     assert torch.autograd.gradcheck(fn, (x, weight, gate, bias))
 
@@ -106,8 +116,20 @@ def test_opcheck(backend, with_plan):
     case = CASES["k2_of_4"]
     x, weight, expert_idx, gate, bias = make_inputs(case, torch.float64 if backend != "triton" else torch.float32)
     plan = moe_kernels.RoutingPlan.build(expert_idx, case.experts).tensors() if with_plan else []
-    args = (x, weight, expert_idx, gate, bias, case.experts, list(case.stride), list(case.padding),
-            list(case.dilation), "none", backend, plan)  # fmt: skip
+    args = (
+        x,
+        weight,
+        expert_idx,
+        gate,
+        bias,
+        case.experts,
+        list(case.stride),
+        list(case.padding),
+        list(case.dilation),
+        "none",
+        backend,
+        plan,
+    )
     torch.library.opcheck(torch.ops.moe_kernels.sparse_moe_conv2d.default, args)
 
 

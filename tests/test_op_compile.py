@@ -31,8 +31,9 @@ class TinyMoE(nn.Module):
         scores = self.router(x.mean((2, 3))).softmax(-1)
         top, expert_idx = scores.max(-1, keepdim=True)
         gate = top - top.detach() + 1.0  # value 1, router gradient backward
-        y = sparse_moe_conv2d(x, self.weight, expert_idx, self.experts, gate, self.bias, padding=1,
-                              backend=self.backend)  # fmt: skip
+        y = sparse_moe_conv2d(
+            x, self.weight, expert_idx, self.experts, gate, self.bias, padding=1, backend=self.backend
+        )
         return torch.relu(y).sum((2, 3))
 
 

@@ -143,8 +143,17 @@ def _direct_args(**overrides):
     a = _good()
     a.update({"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1]})
     a.update(overrides)
-    return (a["x"], a["weight"], a["expert_idx"], a["gate"], a["bias"], a["num_experts"], a["stride"],
-            a["padding"], a["dilation"])  # fmt: skip
+    return (
+        a["x"],
+        a["weight"],
+        a["expert_idx"],
+        a["gate"],
+        a["bias"],
+        a["num_experts"],
+        a["stride"],
+        a["padding"],
+        a["dilation"],
+    )
 
 
 @pytest.fixture

@@ -61,9 +61,13 @@ def test_top_1_is_argmax_with_lowest_index_on_ties():
 
 @pytest.mark.parametrize(
     "logits, k, score, match",
-    [(torch.randn(3), 1, "logits", "logits"), (torch.randn(2, 3), 4, "logits", "k must"),
-     (torch.randn(2, 3), 1, "probs", "score"), (torch.randint(0, 3, (2, 3)), 1, "logits", "logits")],
-)  # fmt: skip
+    [
+        (torch.randn(3), 1, "logits", "logits"),
+        (torch.randn(2, 3), 4, "logits", "k must"),
+        (torch.randn(2, 3), 1, "probs", "score"),
+        (torch.randint(0, 3, (2, 3)), 1, "logits", "logits"),
+    ],
+)
 def test_top_k_errors(logits, k, score, match):
     with pytest.raises(ValueError, match=match):
         top_k_routing(logits, k, score=score)

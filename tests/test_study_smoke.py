@@ -190,7 +190,19 @@ def test_checkpoints_of_another_config_are_not_resumed(smoke, tmp_path):
     stamp = json.loads((run_dir / "fingerprint.json").read_text())
     (run_dir / "fingerprint.json").write_text(json.dumps({**stamp, "seed": 99}))  # as if another config made them
     (run_dir / "result.json").unlink()
-    module.main(["--profile", "smoke", "--out", str(tmp_path), "--work-dir", str(out / "runs"), "--arms", "slim",
-                 "--seeds", "0"])  # fmt: skip
+    module.main(
+        [
+            "--profile",
+            "smoke",
+            "--out",
+            str(tmp_path),
+            "--work-dir",
+            str(out / "runs"),
+            "--arms",
+            "slim",
+            "--seeds",
+            "0",
+        ]
+    )
     assert (run_dir / "epoch1.pt").stat().st_mtime_ns != before  # retrained, not resumed
     assert json.loads((run_dir / "fingerprint.json").read_text()) == stamp

@@ -88,10 +88,17 @@ def test_channels_last_output_and_fp32(tiny_blocks):
 
 
 @pytest.mark.parametrize(
-    "needs", [(True, False, False, False), (False, True, False, False), (False, False, True, False),
-              (False, False, False, True), (False, True, True, False), (True, False, False, True)],
+    "needs",
+    [
+        (True, False, False, False),
+        (False, True, False, False),
+        (False, False, True, False),
+        (False, False, False, True),
+        (False, True, True, False),
+        (True, False, False, True),
+    ],
     ids=["x", "weight", "bias", "gate", "weight_bias", "x_gate"],
-)  # fmt: skip
+)
 def test_gradient_subsets(needs):
     _compare(Case(top_k=2, experts=3, batch=3), needs=needs)
 
@@ -149,16 +156,21 @@ def test_low_precision_dtypes_in_the_interpreter(dtype):
     grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3))
     results = {}
     call = ConvCall(*low[:3], case.experts, *low[3:], *extra)
-    for name, fwd, bwd in (("triton", triton_conv.forward, triton_conv.backward),
-                           ("torch", reference.forward, reference.backward)):  # fmt: skip
+    for name, fwd, bwd in (
+        ("triton", triton_conv.forward, triton_conv.backward),
+        ("torch", reference.forward, reference.backward),
+    ):
         out = fwd(call)
         assert out.dtype == dtype
         grads = bwd(grad_out.to(dtype), call, ALL_NEEDS)
         results[name] = (out, *grads)
-    want = (expected, *sparse_moe_conv2d_backward_ref(grad_out, *inputs32[:3], case.experts, *inputs32[3:], *extra,
-                                                      ALL_NEEDS))  # fmt: skip
-    for what, got, base, ref in zip(("forward", "x", "weight", "bias", "gate"), results["triton"], results["torch"],
-                                    want, strict=True):  # fmt: skip
+    want = (
+        expected,
+        *sparse_moe_conv2d_backward_ref(grad_out, *inputs32[:3], case.experts, *inputs32[3:], *extra, ALL_NEEDS),
+    )
+    for what, got, base, ref in zip(
+        ("forward", "x", "weight", "bias", "gate"), results["triton"], results["torch"], want, strict=True
+    ):
         assert got.dtype == dtype, what
         err = (got.float() - ref).abs().max().item()
         base_err = (base.float() - ref).abs().max().item()
@@ -181,15 +193,17 @@ def test_load_without_gpu_or_interpreter_says_how(monkeypatch):
 
 
 def _gpu_case_inputs(batch, c_in, width, experts, top_k, size, dtype, channels_last=False, seed=0):
-    case = Case(batch=batch, c_in=c_in, width=width, experts=experts, top_k=top_k, size=size,
-                channels_last=channels_last)  # fmt: skip
+    case = Case(
+        batch=batch, c_in=c_in, width=width, experts=experts, top_k=top_k, size=size, channels_last=channels_last
+    )
     return case, make_inputs(case, dtype, device="cuda", seed=seed)
 
 
 def _run_op(case, inputs, backend):
     x, weight, idx, gate, bias = inputs
-    return sparse_moe_conv2d(x, weight, idx, case.experts, gate, bias, case.stride, case.padding, case.dilation,
-                             backend=backend)  # fmt: skip
+    return sparse_moe_conv2d(
+        x, weight, idx, case.experts, gate, bias, case.stride, case.padding, case.dilation, backend=backend
+    )
 
 
 def _grads(out, inputs):
@@ -227,8 +241,9 @@ def test_gpu_error_rule(shape, dtype, monkeypatch):
     scale = expected.abs().max().item()
     assert err <= 2 * base_err + 1e-5 * scale, f"forward: max err {err:.3e} vs plain PyTorch {base_err:.3e}"
     names = ("x", "weight", "gate", "bias")
-    for name, got, want, base in zip(names, _grads(out, inputs), _grads(expected, ref_inputs),
-                                     _grads(baseline, base_inputs), strict=True):  # fmt: skip
+    for name, got, want, base in zip(
+        names, _grads(out, inputs), _grads(expected, ref_inputs), _grads(baseline, base_inputs), strict=True
+    ):
         err = (got.to(high) - want).abs().max().item()
         base_err = (base.to(high) - want).abs().max().item()
         scale = want.abs().max().item()
@@ -244,8 +259,9 @@ def test_gpu_fp32_tf32(monkeypatch):
     out = _run_op(case, inputs, "triton")
     expected = _run_op(case, ref_inputs, "reference")
     assert_close(out, expected, 2e-2, 2e-2, "forward (tf32)")
-    for name, got, want in zip(("x", "weight", "gate", "bias"), _grads(out, inputs), _grads(expected, ref_inputs),
-                               strict=True):  # fmt: skip
+    for name, got, want in zip(
+        ("x", "weight", "gate", "bias"), _grads(out, inputs), _grads(expected, ref_inputs), strict=True
+    ):
         rel = ((got.double() - want).abs().max() / want.abs().max()).item()
         assert rel < 5e-3, f"grad {name} (tf32): max error {rel:.2e} of the largest value"
 

@@ -18,8 +18,17 @@ def test_kernels_compile_for_sm90():
         pytest.skip("triton's bundled ptxas is missing")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    cmd = [sys.executable, "-m", "moe_kernels._triton.compile_check", "--arch", "90", "--dtypes", "bf16,fp32",
-           "--shapes", "c64w64,c35w40"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "moe_kernels._triton.compile_check",
+        "--arch",
+        "90",
+        "--dtypes",
+        "bf16,fp32",
+        "--shapes",
+        "c64w64,c35w40",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("sm_90")]
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]

@@ -110,9 +110,16 @@ def test_all_slots_on_one_expert():
     _check(case, expert_idx=torch.full((5, 1), 2, dtype=torch.int64))
 
 
-@pytest.mark.parametrize("needs", [(True, False, False, False), (False, True, False, False),
-                                   (False, False, True, False), (False, False, False, True)],
-                         ids=["x", "weight", "bias", "gate"])  # fmt: skip
+@pytest.mark.parametrize(
+    "needs",
+    [
+        (True, False, False, False),
+        (False, True, False, False),
+        (False, False, True, False),
+        (False, False, False, True),
+    ],
+    ids=["x", "weight", "bias", "gate"],
+)
 def test_gradient_subsets(needs):
     _check(Case(top_k=2, experts=3, batch=2, size=(3, 4)), needs=needs)
 
@@ -276,13 +283,11 @@ def test_tuned_table_lookup_and_auto_choice(fake_gpu):
     cls = tuning.shape_class(64, 64, (3, 3), (1, 1))
     table = {
         "gpu": "NVIDIA Test GPU",
-        "configs": {
-            f"fwd|bf16|{cls}": {"block_m": 64, "block_n": 64, "block_k": 32, "num_warps": 4, "num_stages": 4}
-        },  # fmt: skip
+        "configs": {f"fwd|bf16|{cls}": {"block_m": 64, "block_n": 64, "block_k": 32, "num_warps": 4, "num_stages": 4}},
         "auto": {
             f"bf16|{cls}": {"backend": "triton", "triton_us": 10.0, "cudnn_us": 12.5},
             f"fp32|{cls}": {"backend": "cudnn", "triton_us": 30.0, "cudnn_us": 20.0},
-        },  # fmt: skip
+        },
     }
     (fake_gpu / "nvidia-test-gpu.json").write_text(json.dumps(table))
     assert tuning.get_config("fwd", torch.bfloat16, 60, 64, (3, 3), (1, 1), CUDA) == tuning.KernelConfig(
@@ -319,15 +324,17 @@ def test_candidates_start_with_the_default_and_are_distinct():
 
 
 def _gpu_inputs(dtype, c_in=35, width=40, batch=32, size=(15, 17), top_k=2, experts=4, channels_last=True):
-    case = Case(batch=batch, c_in=c_in, width=width, experts=experts, top_k=top_k, size=size,
-                channels_last=channels_last)  # fmt: skip
+    case = Case(
+        batch=batch, c_in=c_in, width=width, experts=experts, top_k=top_k, size=size, channels_last=channels_last
+    )
     return case, [t.detach() if t is not None else None for t in make_inputs(case, dtype, device="cuda")]
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("shape", [dict(c_in=64, width=64, size=(32, 32), top_k=1, experts=2), dict()],
-                         ids=["c64w64", "odd"])  # fmt: skip
+@pytest.mark.parametrize(
+    "shape", [dict(c_in=64, width=64, size=(32, 32), top_k=1, experts=2), dict()], ids=["c64w64", "odd"]
+)
 def test_gpu_fused_epilogue_error_rule(dtype, shape, monkeypatch):
     """relu(gate * (conv + bias) + residual): error vs fp64 <= 2x plain PyTorch's in the same dtype."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
@@ -347,8 +354,9 @@ def test_gpu_fused_epilogue_error_rule(dtype, shape, monkeypatch):
 
 @pytest.mark.cuda
 def test_gpu_weight_gradients_bitwise_deterministic():
-    case, (x, weight, idx, gate, bias) = _gpu_inputs(torch.bfloat16, c_in=64, width=64, batch=64, size=(32, 32),
-                                                      top_k=1, experts=2)  # fmt: skip
+    case, (x, weight, idx, gate, bias) = _gpu_inputs(
+        torch.bfloat16, c_in=64, width=64, batch=64, size=(32, 32), top_k=1, experts=2
+    )
     args = (x, weight, idx, case.experts, gate, bias, case.stride, case.padding, case.dilation)
     grad_out = torch.randn(64, 64, 32, 32, device="cuda", dtype=torch.bfloat16)
     first = launcher.conv_backward(grad_out, ConvCall(*args), ALL)

@@ -14,8 +14,16 @@ import torch
 from torch import nn
 
 
-def cost_table(dense: nn.Module, moe: nn.Module, deployed: nn.Module, device: torch.device, inputs: torch.Tensor,
-               batches: tuple[int, ...], repeats: int, slim_name: str | None = None) -> dict[str, Any]:  # fmt: skip
+def cost_table(
+    dense: nn.Module,
+    moe: nn.Module,
+    deployed: nn.Module,
+    device: torch.device,
+    inputs: torch.Tensor,
+    batches: tuple[int, ...],
+    repeats: int,
+    slim_name: str | None = None,
+) -> dict[str, Any]:
     """FLOPs per image and median latency of dense / masked / sparse / deployed / ideal / router.
 
     Args:
@@ -40,14 +48,28 @@ def cost_table(dense: nn.Module, moe: nn.Module, deployed: nn.Module, device: to
     cfg = moe.config
     dtype = next(moe.parameters()).dtype
     example = inputs[:2].to(device=device, dtype=dtype)
-    slim = create_model(slim_name or cfg["name"], ratio=cfg["ratio"], num_classes=cfg["num_classes"],
-                        in_channels=cfg["in_channels"], normalize=cfg.get("normalize")).to(device).eval()  # fmt: skip
+    slim = (
+        create_model(
+            slim_name or cfg["name"],
+            ratio=cfg["ratio"],
+            num_classes=cfg["num_classes"],
+            in_channels=cfg["in_channels"],
+            normalize=cfg.get("normalize"),
+        )
+        .to(device)
+        .eval()
+    )
     router = None
     if getattr(moe, "router", None) is not None:
         router = fold_router(moe.router, moe.normalize(example) if moe.normalize is not None else example)
     ideal = IdealModel(moe, to_sparse(slim, example_input=example), router)
-    variants = {"dense": to_sparse(dense.eval(), example_input=example), "masked": to_masked(moe), "sparse": moe,
-                "deployed": deployed, "ideal": ideal}  # fmt: skip
+    variants = {
+        "dense": to_sparse(dense.eval(), example_input=example),
+        "masked": to_masked(moe),
+        "sparse": moe,
+        "deployed": deployed,
+        "ideal": ideal,
+    }
     if router is not None:
         variants["router"] = RouterOnly(moe, router)
     variants = {k: inference_treatment(m, device, dtype) for k, m in variants.items()}

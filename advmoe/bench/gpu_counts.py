@@ -23,9 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", nargs="+", type=int, default=[1, 256])
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--router", default="research", choices=("research", "per_layer"))
-    p.add_argument("--variants", nargs="+",
-                   default=["dense", "deployed", "deployed[pathway]", "deployed[grouped]", "deployed[layer]", "ideal",
-                            "router"])  # fmt: skip
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=["dense", "deployed", "deployed[pathway]", "deployed[grouped]", "deployed[layer]", "ideal", "router"],
+    )
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     device, dtype = torch.device("cuda"), parse_dtype(args.dtype)

@@ -33,8 +33,14 @@ CIFAR_MODELS = ("resnet18_cifar", "wrn_28_10_cifar", "vgg16_bn", "densenet_cifar
 IMAGENET_MODELS = ("resnet18_imagenet", "resnet50_imagenet")
 DEFAULT_MODELS = CIFAR_MODELS + IMAGENET_MODELS
 QUICK_MODELS = ("resnet10_mini",)
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-           "fp16": torch.float16, "float16": torch.float16}  # fmt: skip
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def image_size(name: str) -> int:
@@ -143,9 +149,15 @@ def inference_treatment(model: nn.Module, device: torch.device, dtype: torch.dty
 
 
 def build_variants(
-    name: str, ratio: float, num_experts: int, device: torch.device, dtype: torch.dtype, backends: Sequence[str],
-    router: str = "research", variants: Sequence[str] | None = None,
-) -> tuple[dict[str, nn.Module], nn.Module]:  # fmt: skip
+    name: str,
+    ratio: float,
+    num_experts: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    backends: Sequence[str],
+    router: str = "research",
+    variants: Sequence[str] | None = None,
+) -> tuple[dict[str, nn.Module], nn.Module]:
     """The models compared for one architecture, on ``device`` in ``dtype``, in eval mode, like for like.
 
     Every side is BatchNorm-folded where it has BatchNorms after convolutions: dense (``to_sparse`` of the
@@ -462,10 +474,17 @@ def run_benchmark(
         except ImportError as err:  # fvcore missing: latency only
             flops, unpriced = {}, {"error": str(err)}
         deployed = variants.get("deployed")
-        entry = {"model": name, "image_size": size, "flops_g": flops, "flops_unpriced_ops": unpriced,
-                 "deploy_mode": getattr(deployed, "deploy_mode", None),
-                 "deploy_reason": getattr(deployed, "deploy_reason", None), "routing_share": {}, "skipped": {},
-                 "latency": []}  # fmt: skip
+        entry = {
+            "model": name,
+            "image_size": size,
+            "flops_g": flops,
+            "flops_unpriced_ops": unpriced,
+            "deploy_mode": getattr(deployed, "deploy_mode", None),
+            "deploy_reason": getattr(deployed, "deploy_reason", None),
+            "routing_share": {},
+            "skipped": {},
+            "latency": [],
+        }
         for batch in batches:
             bar.set_postfix_str(f"{name} B={batch}")
             x = torch.rand(batch, moe.config["in_channels"], size, size, device=device, dtype=dtype)

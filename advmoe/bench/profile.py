@@ -119,11 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     names = ["dense", "deployed", "router"] if args.router == "research" else ["dense", "deployed"]
-    variants, _ = build_variants("resnet18_cifar", 0.5, 2, torch.device("cpu"), torch.float32, ["cpu"],
-                                 router=args.router, variants=names)  # fmt: skip
+    variants, _ = build_variants(
+        "resnet18_cifar", 0.5, 2, torch.device("cpu"), torch.float32, ["cpu"], router=args.router, variants=names
+    )
     x = torch.rand(args.batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    print(f"resnet18_cifar r=0.5 E=2 top-1, {args.router} router, B={args.batch}, {args.threads} thread(s), "
-          f"torch {torch.__version__}; thread CPU time per call")  # fmt: skip
+    print(
+        f"resnet18_cifar r=0.5 E=2 top-1, {args.router} router, B={args.batch}, {args.threads} thread(s), "
+        f"torch {torch.__version__}; thread CPU time per call"
+    )
     print("| part | ms/call | convolutions | other aten ops | Python + dispatch |")
     print("|---|---|---|---|---|")
     reports = {}
@@ -131,8 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         r = profile_forward(model, x, args.calls)
         reports[name] = r
         label = f"{name} ({model.deploy_mode})" if hasattr(model, "deploy_mode") else name
-        print(f"| {label} | {r['ms_per_call']:.2f} | {r['conv_ms']:.2f} | {r['other_aten_ms']:.2f} | "
-              f"{r['python_ms']:.2f} |")  # fmt: skip
+        print(
+            f"| {label} | {r['ms_per_call']:.2f} | {r['conv_ms']:.2f} | {r['other_aten_ms']:.2f} | "
+            f"{r['python_ms']:.2f} |"
+        )
     if args.full:
         print(reports["deployed"]["ops"])
         print(reports["deployed"]["python"])

@@ -30,8 +30,9 @@ def routing_margin(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def compare_deployed(model: nn.Module, deployed: nn.Module, x: torch.Tensor, rtol: float = 1e-4,
-                     noise: float = 1e-4) -> dict[str, float]:  # fmt: skip
+def compare_deployed(
+    model: nn.Module, deployed: nn.Module, x: torch.Tensor, rtol: float = 1e-4, noise: float = 1e-4
+) -> dict[str, float]:
     """Compares the deployed model's logits with the source's on x.
 
     Args:

@@ -90,8 +90,14 @@ class CapturedModel(nn.Module):
         return self.static_output.clone() if self.clone_output else self.static_output
 
 
-def capture(model: nn.Module, batch_size: int, dtype: torch.dtype | None = None, image_size: int | None = None,
-            channels_last: bool = True, warmup: int = 3) -> CapturedModel:  # fmt: skip
+def capture(
+    model: nn.Module,
+    batch_size: int,
+    dtype: torch.dtype | None = None,
+    image_size: int | None = None,
+    channels_last: bool = True,
+    warmup: int = 3,
+) -> CapturedModel:
     """Captures a CUDA model for inputs (batch_size, C, H, W), random example images, dtype of the model.
 
     Args:

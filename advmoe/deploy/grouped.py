@@ -32,8 +32,9 @@ class GroupedMoE(RoutedOnce):
         num_experts: E.
     """
 
-    def __init__(self, normalize: nn.Module | None, router: Router, network: nn.Module, groups: GroupRanges,
-                 num_experts: int):  # fmt: skip
+    def __init__(
+        self, normalize: nn.Module | None, router: Router, network: nn.Module, groups: GroupRanges, num_experts: int
+    ):
         super().__init__(normalize, router)
         self.network = network
         self.groups = groups

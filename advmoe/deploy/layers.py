@@ -40,10 +40,17 @@ class ExpertConv2d(nn.Conv2d):
         w = layer.expert_width
         rows = slice(expert * w, (expert + 1) * w)
         conv = cls(
-            layer.in_channels, w, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
-            bias=layer.bias is not None, padding_mode=layer.padding_mode,
-            device=layer.weight.device, dtype=layer.weight.dtype,
-        )  # fmt: skip
+            layer.in_channels,
+            w,
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            bias=layer.bias is not None,
+            padding_mode=layer.padding_mode,
+            device=layer.weight.device,
+            dtype=layer.weight.dtype,
+        )
         with torch.no_grad():
             conv.weight.copy_(layer.weight[rows])
             if layer.bias is not None:
@@ -67,9 +74,18 @@ class FusedMoEConv2d(SparseMoEConv2d):
         if self.padding_mode != "zeros" and any(padding):
             x, padding = F.pad(x, (padding[1], padding[1], padding[0], padding[0]), mode=self.padding_mode), (0, 0)
         return sparse_moe_conv2d(
-            x, self.weight, expert_idx, self.num_experts, gate=gate, bias=self.bias, stride=self.stride,
-            padding=padding, dilation=self.dilation, backend=self.backend, activation=self.activation,
-        )  # fmt: skip
+            x,
+            self.weight,
+            expert_idx,
+            self.num_experts,
+            gate=gate,
+            bias=self.bias,
+            stride=self.stride,
+            padding=padding,
+            dilation=self.dilation,
+            backend=self.backend,
+            activation=self.activation,
+        )
 
 
 class RoutedExpertConv2d(FusedMoEConv2d):
@@ -184,8 +200,9 @@ class GroupedExpertConv2d(FusedMoEConv2d):
             if c:
                 rows = slice(e * self.expert_width, (e + 1) * self.expert_width)
                 bias = self.bias[rows] if self.bias is not None else None
-                parts.append(F.conv2d(x[start : start + c], self.weight[rows], bias, self.stride, self.padding,
-                                      self.dilation))  # fmt: skip
+                parts.append(
+                    F.conv2d(x[start : start + c], self.weight[rows], bias, self.stride, self.padding, self.dilation)
+                )
             start += c
         if not parts:  # empty batch
             w = self.expert_width

@@ -114,10 +114,19 @@ def load_research_checkpoint(
     extra = {"preact_projection": False} if (moe and name.startswith("wrn")) else {}
     in_channels = 3
     model = create_model(
-        name, num_classes=num_classes, num_experts=num_experts, ratio=ratio, top_k=1, router="research",
-        in_channels=in_channels, normalize=normalize, backend=backend, router_norm=False,
-        gate_score="logits", **extra,
-    )  # fmt: skip
+        name,
+        num_classes=num_classes,
+        num_experts=num_experts,
+        ratio=ratio,
+        top_k=1,
+        router="research",
+        in_channels=in_channels,
+        normalize=normalize,
+        backend=backend,
+        router_norm=False,
+        gate_score="logits",
+        **extra,
+    )
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]

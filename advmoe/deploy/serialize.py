@@ -31,8 +31,14 @@ def deployed_state(model: nn.Module) -> dict[str, Any]:
         )
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     folded = bool(getattr(model, "router_folded", False))
-    return {"format": FORMAT, "version": VERSION, "config": dict(config), "deploy_mode": mode,
-            "router_folded": folded, "state_dict": state}  # fmt: skip
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": dict(config),
+        "deploy_mode": mode,
+        "router_folded": folded,
+        "state_dict": state,
+    }
 
 
 def save_deployed(model: nn.Module, path: str | Path) -> Path:

@@ -155,9 +155,14 @@ class _Evaluator:
             worst &= ok
         if self.run_router_attack:
             x_adv = router_attack(
-                model, x, eps=cfg.eps, alpha=cfg.pgd_alpha, steps=cfg.router_attack_steps, norm=cfg.norm,
+                model,
+                x,
+                eps=cfg.eps,
+                alpha=cfg.pgd_alpha,
+                steps=cfg.router_attack_steps,
+                norm=cfg.norm,
                 generator=self.generator,
-            ).detach()  # fmt: skip
+            ).detach()
             ok = clean_ok & self._attacked("router_attack", x, x_adv, y, clean_ok, routing)
             self.tally.add("ra/router_attack", ok)
             worst &= ok

@@ -130,8 +130,13 @@ def format_result(result: Mapping[str, Any]) -> str:
     if plan:
         lines += ["", "Where each robust accuracy comes from:", ""]
         table = [{**row, "in_ra_worst": "yes" if row["in_ra_worst"] else "no"} for row in plan]
-        cols = [("result", "result"), ("attack", "attack"), ("attacked", "examples made on"),
-                ("scored_on", "scored on"), ("in_ra_worst", "in worst case")]  # fmt: skip
+        cols = [
+            ("result", "result"),
+            ("attack", "attack"),
+            ("attacked", "examples made on"),
+            ("scored_on", "scored on"),
+            ("in_ra_worst", "in worst case"),
+        ]
         lines.append(markdown_table(table, cols))
     rob = result.get("router_robustness")
     if rob:

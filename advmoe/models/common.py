@@ -79,18 +79,34 @@ class ModelSpec:
         return self.scaled(planes) * (self.top_k if self.moe else 1)
 
     def conv(
-        self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
-        dilation: int = 1, bias: bool = False, moe: bool = True,
-    ) -> nn.Module:  # fmt: skip
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        dilation: int = 1,
+        bias: bool = False,
+        moe: bool = True,
+    ) -> nn.Module:
         """A ``SparseMoEConv2d`` if this spec is MoE and ``moe`` is True, else an ``nn.Conv2d``."""
         if self.moe and moe:
             return SparseMoEConv2d(
-                in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
-                bias=bias, num_experts=self.num_experts, top_k=self.top_k, backend=self.backend,
+                in_channels,
+                out_channels,
+                kernel_size,
+                stride=stride,
+                padding=padding,
+                dilation=dilation,
+                bias=bias,
+                num_experts=self.num_experts,
+                top_k=self.top_k,
+                backend=self.backend,
                 gate_score=self.gate_score,
                 router=PerLayerRouter(in_channels, self.num_experts, input_norm=self.router_norm)
-                if self.router == "per_layer" else None,
-            )  # fmt: skip
+                if self.router == "per_layer"
+                else None,
+            )
         return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=bias)
 
     def model_router(self, in_channels: int) -> Router | None:

@@ -74,10 +74,19 @@ class DenseNet(RoutedModel):
     """
 
     def __init__(
-        self, block_config, spec: ModelSpec, num_classes: int = 10, in_channels: int = 3, normalize=None,
-        small_inputs: bool = True, growth_rate: int = 12, num_init_features: int = 24, bn_size: int = 4,
-        compression: float = 0.5, drop_rate: float = 0.0,
-    ):  # fmt: skip
+        self,
+        block_config,
+        spec: ModelSpec,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        normalize=None,
+        small_inputs: bool = True,
+        growth_rate: int = 12,
+        num_init_features: int = 24,
+        bn_size: int = 4,
+        compression: float = 0.5,
+        drop_rate: float = 0.0,
+    ):
         super().__init__(make_normalize(normalize), spec.model_router(in_channels), spec.top_k, spec.gate_score)
         if not 0 < compression <= 1:
             raise ValueError(f"compression must be in (0, 1], got {compression}")

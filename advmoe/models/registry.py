@@ -89,8 +89,17 @@ def create_model(
     )
     model = _MODELS[name](spec, num_classes=num_classes, in_channels=in_channels, normalize=normalize, **kwargs)
     model.config = {
-        "name": name, "num_classes": num_classes, "num_experts": num_experts, "ratio": ratio, "top_k": top_k,
-        "router": router, "in_channels": in_channels, "normalize": normalize, "backend": backend,
-        "router_norm": router_norm, "gate_score": gate_score, **kwargs,
-    }  # fmt: skip
+        "name": name,
+        "num_classes": num_classes,
+        "num_experts": num_experts,
+        "ratio": ratio,
+        "top_k": top_k,
+        "router": router,
+        "in_channels": in_channels,
+        "normalize": normalize,
+        "backend": backend,
+        "router_norm": router_norm,
+        "gate_score": gate_score,
+        **kwargs,
+    }
     return model

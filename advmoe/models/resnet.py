@@ -95,9 +95,16 @@ class ResNet(RoutedModel):
     """
 
     def __init__(
-        self, block, num_blocks, spec: ModelSpec, num_classes: int = 10, in_channels: int = 3, normalize=None,
-        stem: str = "cifar", stage_planes: tuple[int, ...] = (64, 128, 256, 512),
-    ):  # fmt: skip
+        self,
+        block,
+        num_blocks,
+        spec: ModelSpec,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        normalize=None,
+        stem: str = "cifar",
+        stage_planes: tuple[int, ...] = (64, 128, 256, 512),
+    ):
         super().__init__(make_normalize(normalize), spec.model_router(in_channels), spec.top_k, spec.gate_score)
         cifar = stem == "cifar"
         stem_width = stage_planes[0] if (cifar and spec.moe) else spec.scaled(stage_planes[0])

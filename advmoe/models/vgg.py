@@ -28,9 +28,15 @@ class VGG(RoutedModel):
     """
 
     def __init__(
-        self, layout, batch_norm: bool, spec: ModelSpec, num_classes: int = 10, in_channels: int = 3,
-        normalize=None, hidden: int = 256,
-    ):  # fmt: skip
+        self,
+        layout,
+        batch_norm: bool,
+        spec: ModelSpec,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        normalize=None,
+        hidden: int = 256,
+    ):
         super().__init__(make_normalize(normalize), spec.model_router(in_channels), spec.top_k, spec.gate_score)
         layers: list[nn.Module] = []
         channels = in_channels

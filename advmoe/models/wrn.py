@@ -27,9 +27,14 @@ class WideBasicBlock(nn.Module):
     takes_routing = True
 
     def __init__(
-        self, spec: ModelSpec, in_planes: int, out_planes: int, stride: int, drop_rate: float = 0.0,
+        self,
+        spec: ModelSpec,
+        in_planes: int,
+        out_planes: int,
+        stride: int,
+        drop_rate: float = 0.0,
         preact_projection: bool = True,
-    ):  # fmt: skip
+    ):
         super().__init__()
         self.preact_projection = preact_projection
         self.bn1 = nn.BatchNorm2d(in_planes)
@@ -58,9 +63,15 @@ class NetworkBlock(nn.Module):
     takes_routing = True
 
     def __init__(
-        self, spec: ModelSpec, num_layers: int, in_planes: int, out_planes: int, stride: int, drop: float,
+        self,
+        spec: ModelSpec,
+        num_layers: int,
+        in_planes: int,
+        out_planes: int,
+        stride: int,
+        drop: float,
         preact_projection: bool,
-    ):  # fmt: skip
+    ):
         super().__init__()
         self.layer = RoutedSequential(
             *[
@@ -71,7 +82,7 @@ class NetworkBlock(nn.Module):
                     stride if i == 0 else 1,
                     drop,
                     preact_projection,
-                )  # fmt: skip
+                )
                 for i in range(num_layers)
             ]
         )
@@ -93,9 +104,16 @@ class WideResNet(RoutedModel):
     """
 
     def __init__(
-        self, depth: int, widen_factor: int, spec: ModelSpec, num_classes: int = 10, in_channels: int = 3,
-        normalize=None, drop_rate: float = 0.0, preact_projection: bool = True,
-    ):  # fmt: skip
+        self,
+        depth: int,
+        widen_factor: int,
+        spec: ModelSpec,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        normalize=None,
+        drop_rate: float = 0.0,
+        preact_projection: bool = True,
+    ):
         super().__init__(make_normalize(normalize), spec.model_router(in_channels), spec.top_k, spec.gate_score)
         if (depth - 4) % 6:
             raise ValueError(f"WideResNet depth must be 6n + 4, got {depth}")

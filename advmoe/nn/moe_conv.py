@@ -214,10 +214,18 @@ class SparseMoEConv2d(nn.Module):
             pad = (padding[1], padding[1], padding[0], padding[0])
             x, padding = F.pad(x, pad, mode=self.padding_mode), (0, 0)
         return sparse_moe_conv2d(
-            x, self.weight, expert_idx, self.num_experts, gate=gate, bias=self.bias, stride=self.stride,
-            padding=padding, dilation=self.dilation, backend=self.backend,
+            x,
+            self.weight,
+            expert_idx,
+            self.num_experts,
+            gate=gate,
+            bias=self.bias,
+            stride=self.stride,
+            padding=padding,
+            dilation=self.dilation,
+            backend=self.backend,
             plan=self.shared_plan(x, routing, expert_idx),
-        )  # fmt: skip
+        )
 
     def extra_repr(self) -> str:
         s = (

@@ -165,8 +165,13 @@ def commit() -> dict[str, Any]:
     """The checkout's commit and whether it had uncommitted changes (None outside git)."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True)  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     except (OSError, subprocess.CalledProcessError):
         return {"sha": None, "dirty": None}
     return {"sha": sha.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
@@ -261,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "collected_only": args.collect_only,
         "missing_runs": [
             f"{a} seed {s}" for a in arms for s in seeds if not any(r["arm"] == a and r["seed"] == s for r in records)
-        ],  # fmt: skip
+        ],
         "seeds": seeds,
         "arms": arms,
         "headline_metric": headline_metric(study),
@@ -271,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "runs": sorted(
             ({k: v for k, v in r.items() if k != "fingerprint"} for r in records),
             key=lambda r: (arms.index(r["arm"]), r["seed"]),
-        ),  # fmt: skip
+        ),
         "diverged": [{"arm": r["arm"], "seed": r["seed"], "error": r["error"]} for r in records if r.get("diverged")],
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -279,8 +284,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_expert_usage(results, out / "expert_usage.md")
     plot_ra_vs_flops(results, out / "ra_vs_flops.png")
     plot_routing_robustness(results, out / "routing_robustness.png")
-    print(f"wrote {out}/results.json, table.md, expert_usage.md, ra_vs_flops.png, routing_robustness.png "
-          f"({total:.0f} s)", flush=True)  # fmt: skip
+    print(
+        f"wrote {out}/results.json, table.md, expert_usage.md, ra_vs_flops.png, routing_robustness.png ({total:.0f} s)",
+        flush=True,
+    )
     return results
 
 

@@ -28,8 +28,17 @@ def plot_ra_vs_flops(results: dict[str, Any], path: Path) -> None:
             rmean, rstd, n = mean_std(entry["values"].get(f"{head}@{eps}", {}).values())
             if fmean is None or rmean is None:
                 continue
-            ax.errorbar(fmean / 1e6, rmean, xerr=fstd / 1e6, yerr=rstd, fmt="o", color=colors[i % len(colors)],
-                        label=f"{entry['label']} (n={n})", capsize=3, markersize=7)  # fmt: skip
+            ax.errorbar(
+                fmean / 1e6,
+                rmean,
+                xerr=fstd / 1e6,
+                yerr=rstd,
+                fmt="o",
+                color=colors[i % len(colors)],
+                label=f"{entry['label']} (n={n})",
+                capsize=3,
+                markersize=7,
+            )
         ax.set_xlabel("inference MFLOPs per image (fvcore, router included)")
         ax.set_ylabel(f"RA, {head} (%)")
         ax.set_title(f"eps = {eps}")

@@ -317,6 +317,9 @@ def run_one(study: dict[str, Any], arm: str, seed: int, work_dir: Path, fresh: b
     result_path.write_text(json.dumps(record, indent=1))
     aa = result.get("autoattack") or result.get("pgd") or {}
     ra = "  ".join(f"RA@{k} {100 * v:.1f}" for k, v in aa.items())
-    print(f"[{arm} seed {seed}] epoch {epoch}, train {train_time:.0f} s, eval {eval_time:.0f} s: "
-          f"SA {100 * result['sa']:.1f}  {ra}", flush=True)  # fmt: skip
+    print(
+        f"[{arm} seed {seed}] epoch {epoch}, train {train_time:.0f} s, eval {eval_time:.0f} s: "
+        f"SA {100 * result['sa']:.1f}  {ra}",
+        flush=True,
+    )
     return record

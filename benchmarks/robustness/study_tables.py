@@ -148,10 +148,14 @@ def write_table(results: dict[str, Any], path: Path) -> str:
 
 def write_expert_usage(results: dict[str, Any], path: Path) -> str:
     """Expert usage per MoE layer per arm (clean test images, share of expert 0, mean over seeds)."""
-    lines = ["# Expert usage per MoE layer (clean test images)", "",
-             "Share of the test images routed to expert 0 (of 2), mean ± std over seeds; 50% is balanced, "
-             "0% or 100% is a collapsed layer. Routing kept: share of images whose expert is unchanged under "
-             "the headline attack at the largest eps.", ""]  # fmt: skip
+    lines = [
+        "# Expert usage per MoE layer (clean test images)",
+        "",
+        "Share of the test images routed to expert 0 (of 2), mean ± std over seeds; 50% is balanced, "
+        "0% or 100% is a collapsed layer. Routing kept: share of images whose expert is unchanged under "
+        "the headline attack at the largest eps.",
+        "",
+    ]
     eps = f"{results['config']['eval']['eps'][-1]:g}"
     head = results["headline_metric"]
     for arm in results["arms"]:
@@ -159,8 +163,12 @@ def write_expert_usage(results: dict[str, Any], path: Path) -> str:
         routing = [(r["result"].get("routing") or {}) for r in runs]
         if not routing or not routing[0].get("usage_clean"):
             continue
-        lines += [f"## {results['summary'][arm]['label']}", "", "| layer | expert 0 (%) | routing kept (%) |",
-                  "|---|---|---|"]  # fmt: skip
+        lines += [
+            f"## {results['summary'][arm]['label']}",
+            "",
+            "| layer | expert 0 (%) | routing kept (%) |",
+            "|---|---|---|",
+        ]
         for layer in routing[0]["usage_clean"]:
             share = [100 * ro["usage_clean"][layer][0] / max(1, sum(ro["usage_clean"][layer])) for ro in routing]
             kept = [

@@ -51,13 +51,17 @@ def bench_shape(c_in: int, width: int, size: int, batch: int, dtype) -> dict:
     out = {
         "slim_fwd": graph_us(lambda: F.conv2d(x, slim_w, None, 1, 1)),
         "triton_fwd": graph_us(lambda: triton_conv.forward(call)),
-        "slim_fwdbwd": graph_us(lambda: torch.ops.aten.convolution_backward(
-            grad, x, slim_w, [width], (1, 1), (1, 1), (1, 1), False, [0, 0], 1, [True, True, True])),
-        "triton_fwdbwd": graph_us(lambda: (triton_conv.forward(call),
-                                           launcher.conv_backward(grad, call, (True, True, True, True)))),
+        "slim_fwdbwd": graph_us(
+            lambda: torch.ops.aten.convolution_backward(
+                grad, x, slim_w, [width], (1, 1), (1, 1), (1, 1), False, [0, 0], 1, [True, True, True]
+            )
+        ),
+        "triton_fwdbwd": graph_us(
+            lambda: (triton_conv.forward(call), launcher.conv_backward(grad, call, (True, True, True, True)))
+        ),
         "slim_bn_relu": graph_us(lambda: torch.relu(bn(F.conv2d(x, slim_w, None, 1, 1)))),
         "triton_fused": graph_us(lambda: triton_conv.forward_fused(call, relu=True)),
-    }  # fmt: skip
+    }
     out["slim_fwdbwd"] += out["slim_fwd"]  # convolution_backward alone is the backward
     return out
 
@@ -89,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     (out / "triton_vs_slim.json").write_text(json.dumps(doc, indent=1) + "\n")
     lines = ["| shape | dtype | fwd / slim | fwd+bwd / slim | fused BN+ReLU / slim+BN+ReLU |", "|---|---|---|---|---|"]
     for r in rows:
-        ratios = (r["triton_fwd"] / r["slim_fwd"], r["triton_fwdbwd"] / r["slim_fwdbwd"],
-                  r["triton_fused"] / r["slim_bn_relu"])  # fmt: skip
+        ratios = (
+            r["triton_fwd"] / r["slim_fwd"],
+            r["triton_fwdbwd"] / r["slim_fwdbwd"],
+            r["triton_fused"] / r["slim_bn_relu"],
+        )
         lines.append(f"| {r['shape']} | {r['dtype']} | " + " | ".join(f"{v:.2f}" for v in ratios) + " |")
     (out / "triton_vs_slim.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

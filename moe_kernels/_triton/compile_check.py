@@ -133,8 +133,12 @@ def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
-        proc = subprocess.run([_ptxas(arch), "-v", f"--gpu-name={gpu}", str(src), "-o", str(Path(tmp) / "k.o")],
-                              capture_output=True, text=True, check=True)  # fmt: skip
+        proc = subprocess.run(
+            [_ptxas(arch), "-v", f"--gpu-name={gpu}", str(src), "-o", str(Path(tmp) / "k.o")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     log = proc.stdout + proc.stderr
     regs = max((int(m) for m in re.findall(r"Used (\d+) registers", log)), default=0)
     spills = sum(int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log))
@@ -179,12 +183,21 @@ def inspect_launches(launches, arch: int, dtype_name: str, shape: str) -> list[K
         c = launch.consts
         config = f"{c.get('BLOCK_M', '-')}x{c.get('BLOCK_N', '-')}x{c.get('BLOCK_K', c.get('BLOCK', '-'))}"
         config += f"_w{launch.options.get('num_warps', 4)}_s{launch.options.get('num_stages', 3)}"
-        reports.append(KernelReport(
-            name=launch.name, dtype=dtype_name, shape=shape, config=config, registers=regs, spill_bytes=spills,
-            shared=kernel.metadata.shared, tensor_cores="wgmma" in ptx or "mma.sync" in ptx,
-            has_dot="BLOCK_K" in c, seconds=time.perf_counter() - start,
-            tma_loads=ptx.count("cp.async.bulk.tensor"),
-        ))  # fmt: skip
+        reports.append(
+            KernelReport(
+                name=launch.name,
+                dtype=dtype_name,
+                shape=shape,
+                config=config,
+                registers=regs,
+                spill_bytes=spills,
+                shared=kernel.metadata.shared,
+                tensor_cores="wgmma" in ptx or "mma.sync" in ptx,
+                has_dot="BLOCK_K" in c,
+                seconds=time.perf_counter() - start,
+                tma_loads=ptx.count("cp.async.bulk.tensor"),
+            )
+        )
     return reports
 
 
@@ -206,8 +219,11 @@ def check(arch: int = 90, dtypes=("bf16", "fp32"), shapes=("c64w64",)) -> list[K
         for shape in shapes:
             reports += inspect_launches(record_launches(dtype_name, shape), arch, dtype_name, shape)
         if arch >= 90 and "c64w64" in shapes:  # the forward with TMA weight loads (a tuning candidate)
-            default = tuning.default_config("fwd", {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
-                dtype_name, torch.float32), SHAPES["c64w64"][1])  # fmt: skip
+            default = tuning.default_config(
+                "fwd",
+                {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype_name, torch.float32),
+                SHAPES["c64w64"][1],
+            )
             launches = record_launches(dtype_name, "c64w64", {"fwd": dataclasses.replace(default, tma=True)})
             fwd = [launch for launch in launches if launch.consts.get("USE_TMA")]
             reports += inspect_launches(fwd, arch, dtype_name, "c64w64+tma")

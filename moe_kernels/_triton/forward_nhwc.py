@@ -32,20 +32,62 @@ from moe_kernels.geometry import conv_output_size
 # grid: (programs,), persistent over T * cdiv(WIDTH, BLOCK_N) work items.
 @triton.jit
 def moe_conv_fwd_nhwc_kernel(
-    x_ptr, wp_ptr, w_desc, bias_ptr, gate_ptr, res_ptr, y_ptr,
-    sample_ptr, slot_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
-    num_tiles, C_in, H, W, H_out, W_out, WIDTH, WP_COLS,
-    sxb, sxh, sxw,
-    sgb, sgk,
-    syb, syc, syh, syw,
-    srb, src, srh, srw,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    KH: tl.constexpr, KW: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, USE_TMA: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+    x_ptr,
+    wp_ptr,
+    w_desc,
+    bias_ptr,
+    gate_ptr,
+    res_ptr,
+    y_ptr,
+    sample_ptr,
+    slot_ptr,
+    tile_expert_ptr,
+    tile_start_ptr,
+    tile_end_ptr,
+    num_tiles,
+    C_in,
+    H,
+    W,
+    H_out,
+    W_out,
+    WIDTH,
+    WP_COLS,
+    sxb,
+    sxh,
+    sxw,
+    sgb,
+    sgk,
+    syb,
+    syc,
+    syh,
+    syw,
+    srb,
+    src,
+    srh,
+    srw,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    dil_h,
+    dil_w,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    RELU: tl.constexpr,
     GROUPED_OUT: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+    ACC_DTYPE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     n_blocks = tl.cdiv(WIDTH, BLOCK_N)
     c_blocks = tl.cdiv(C_in, BLOCK_K)
     k_steps = KH * KW * c_blocks
@@ -74,8 +116,7 @@ def moe_conv_fwd_nhwc_kernel(
                 w_ptrs = w_e + (tap * C_in + c0 + ck).to(tl.int64)[:, None] * WP_COLS + n[None, :]
                 if USE_TMA:  # (EVEN_K and EVEN_N) the (BLOCK_K, BLOCK_N) weight block through a TMA descriptor
                     a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-                    wt = w_desc.load([(expert * (KH * KW * C_in) + tap * C_in + c0).to(tl.int32),
-                                      pid_n * BLOCK_N])  # fmt: skip
+                    wt = w_desc.load([(expert * (KH * KW * C_in) + tap * C_in + c0).to(tl.int32), pid_n * BLOCK_N])
                 else:
                     a, wt = load_operands(a_ptrs, w_ptrs, row_ok, (c0 + ck) < C_in, n_mask, EVEN_K, EVEN_N)
                 acc = mma(acc, a, wt, ACC_DTYPE, UPCAST, INPUT_PRECISION)
@@ -101,8 +142,26 @@ def moe_conv_fwd_nhwc_kernel(
             tl.store(y_ptr + y_row[:, None] + (n * syc)[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def launch_forward_nhwc(x_nhwc, packed, bias, gate, residual, y, sorted_slots, schedule, width, stride, padding,
-                        dilation, kernel_size, relu, grouped_out, dot, config, programs):  # fmt: skip
+def launch_forward_nhwc(
+    x_nhwc,
+    packed,
+    bias,
+    gate,
+    residual,
+    y,
+    sorted_slots,
+    schedule,
+    width,
+    stride,
+    padding,
+    dilation,
+    kernel_size,
+    relu,
+    grouped_out,
+    dot,
+    config,
+    programs,
+):
     """Launches the forward v2 kernel (arguments prepared by the launcher in ``moe_kernels.backends.triton``).
 
     Args:
@@ -117,8 +176,9 @@ def launch_forward_nhwc(x_nhwc, packed, bias, gate, residual, y, sorted_slots, s
     sample, slot = sorted_slots
     c_in = x_nhwc.shape[3]
     if grouped_out:  # y: (rows, w)
-        h_out, w_out = (conv_output_size(x_nhwc.shape[1 + i], kernel_size[i], stride[i], padding[i], dilation[i])
-                        for i in (0, 1))  # fmt: skip
+        h_out, w_out = (
+            conv_output_size(x_nhwc.shape[1 + i], kernel_size[i], stride[i], padding[i], dilation[i]) for i in (0, 1)
+        )
     else:
         h_out, w_out = y.shape[2], y.shape[3]
 
@@ -135,21 +195,49 @@ def launch_forward_nhwc(x_nhwc, packed, bias, gate, residual, y, sorted_slots, s
 
         w_desc = TensorDescriptor.from_tensor(packed.view(-1, packed.shape[2]), [config.block_k, config.block_n])
     args = dict(
-        x_ptr=x_nhwc, wp_ptr=packed, w_desc=w_desc, bias_ptr=bias if bias is not None else packed,
-        gate_ptr=gate if gate is not None else packed, res_ptr=residual if residual is not None else y, y_ptr=y,
-        sample_ptr=sample, slot_ptr=slot, tile_expert_ptr=schedule.tile_expert, tile_start_ptr=schedule.tile_start,
-        tile_end_ptr=schedule.tile_end, num_tiles=schedule.num_tiles, C_in=c_in, H=x_nhwc.shape[1],
-        W=x_nhwc.shape[2], H_out=h_out, W_out=w_out, WIDTH=width, WP_COLS=packed.shape[2],
-        **nhwc_strides("sx", x_nhwc), **gate_strides(gate),
+        x_ptr=x_nhwc,
+        wp_ptr=packed,
+        w_desc=w_desc,
+        bias_ptr=bias if bias is not None else packed,
+        gate_ptr=gate if gate is not None else packed,
+        res_ptr=residual if residual is not None else y,
+        y_ptr=y,
+        sample_ptr=sample,
+        slot_ptr=slot,
+        tile_expert_ptr=schedule.tile_expert,
+        tile_start_ptr=schedule.tile_start,
+        tile_end_ptr=schedule.tile_end,
+        num_tiles=schedule.num_tiles,
+        C_in=c_in,
+        H=x_nhwc.shape[1],
+        W=x_nhwc.shape[2],
+        H_out=h_out,
+        W_out=w_out,
+        WIDTH=width,
+        WP_COLS=packed.shape[2],
+        **nhwc_strides("sx", x_nhwc),
+        **gate_strides(gate),
         **dict(zip(("syb", "syc", "syh", "syw"), strides4(y), strict=True)),
         **dict(zip(("srb", "src", "srh", "srw"), strides4(residual), strict=True)),
         **conv_args(stride, padding, dilation),
-    )  # fmt: skip
+    )
     consts = dict(
-        KH=kernel_size[0], KW=kernel_size[1], EVEN_K=even_k, EVEN_N=even_n, USE_TMA=use_tma,
-        HAS_BIAS=bias is not None, HAS_GATE=gate is not None, HAS_RES=residual is not None, RELU=relu,
-        GROUPED_OUT=grouped_out, ACC_DTYPE=dot.acc_dtype, UPCAST=dot.upcast, INPUT_PRECISION=dot.input_precision,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-    )  # fmt: skip
+        KH=kernel_size[0],
+        KW=kernel_size[1],
+        EVEN_K=even_k,
+        EVEN_N=even_n,
+        USE_TMA=use_tma,
+        HAS_BIAS=bias is not None,
+        HAS_GATE=gate is not None,
+        HAS_RES=residual is not None,
+        RELU=relu,
+        GROUPED_OUT=grouped_out,
+        ACC_DTYPE=dot.acc_dtype,
+        UPCAST=dot.upcast,
+        INPUT_PRECISION=dot.input_precision,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+    )
     options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
     launch(moe_conv_fwd_nhwc_kernel, (programs,), args, consts, options)

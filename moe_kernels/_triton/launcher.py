@@ -173,8 +173,9 @@ def conv_forward(
     if grouped_out:
         y = torch.empty(batch * top_k * rows_per_slot, width, dtype=x.dtype, device=x.device)
     else:
-        y = torch.empty(batch, top_k * width, h_out, w_out, dtype=x.dtype, device=x.device,
-                        memory_format=output_memory_format(x))  # fmt: skip
+        y = torch.empty(
+            batch, top_k * width, h_out, w_out, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x)
+        )
     if y.numel() == 0:
         return y
     config = tuning.get_config("fwd", x.dtype, x.shape[1], width, (kh, kw), call.stride, x.device)
@@ -186,10 +187,25 @@ def conv_forward(
     from moe_kernels._triton.forward_nhwc import launch_forward_nhwc
 
     launch_forward_nhwc(
-        x_nhwc, packed_weight(weight, call.num_experts, "fwd", pad, config.block_n), call.bias, call.gate, residual,
-        y, (sample, slot), schedule, width, call.stride, call.padding, call.dilation, (kh, kw), relu, grouped_out,
-        dot_settings(x.dtype), config, persistent_programs(work, config, x.device),
-    )  # fmt: skip
+        x_nhwc,
+        packed_weight(weight, call.num_experts, "fwd", pad, config.block_n),
+        call.bias,
+        call.gate,
+        residual,
+        y,
+        (sample, slot),
+        schedule,
+        width,
+        call.stride,
+        call.padding,
+        call.dilation,
+        (kh, kw),
+        relu,
+        grouped_out,
+        dot_settings(x.dtype),
+        config,
+        persistent_programs(work, config, x.device),
+    )
     return y
 
 
@@ -234,10 +250,24 @@ def conv_backward(
         if need_g:
             gate_part = torch.empty(n_blocks, num_slots * height * wid, dtype=acc_dtype, device=x.device)
         launch_dgrad_nhwc(
-            go_nhwc, packed_weight(weight, num_experts, "dgrad", pad, config.block_n), x_nhwc, c_in, gate, target,
-            gate_part, (sample, slot), schedule, w_pad, stride, padding, dilation, (kh, kw), dot, config,
+            go_nhwc,
+            packed_weight(weight, num_experts, "dgrad", pad, config.block_n),
+            x_nhwc,
+            c_in,
+            gate,
+            target,
+            gate_part,
+            (sample, slot),
+            schedule,
+            w_pad,
+            stride,
+            padding,
+            dilation,
+            (kh, kw),
+            dot,
+            config,
             persistent_programs(schedule.num_tiles * n_blocks, config, x.device),
-        )  # fmt: skip
+        )
         if need_x:
             nhwc = target if top_k == 1 else target.sum(1).to(x.dtype)
             grad_x = nhwc.permute(0, 3, 1, 2)
@@ -253,9 +283,24 @@ def conv_backward(
         chunk = wgrad_chunk_rows(num_slots * rows_per_slot, config.block_m, col_programs, num_experts, x.device)
         sample, slot, schedule = _routing(call, rows_per_slot, chunk)
         gw5, grad_b = launch_wgrad_nhwc(
-            go_nhwc, x_nhwc, gate, need_w, need_b, (sample, slot), schedule, num_experts, w_pad, stride, padding,
-            dilation, (kh, kw), acc_dtype, weight.dtype if need_w else bias.dtype, dot, config,
-        )  # fmt: skip
+            go_nhwc,
+            x_nhwc,
+            gate,
+            need_w,
+            need_b,
+            (sample, slot),
+            schedule,
+            num_experts,
+            w_pad,
+            stride,
+            padding,
+            dilation,
+            (kh, kw),
+            acc_dtype,
+            weight.dtype if need_w else bias.dtype,
+            dot,
+            config,
+        )
         if need_w:  # (E, w_pad, kh, kw, C_pad) -> (E*w, C_in, kh, kw)
             grad_w = gw5[:, :width, :, :, :c_in].permute(0, 1, 4, 2, 3).reshape(rows, c_in, kh, kw)
         if need_b:

@@ -52,8 +52,9 @@ def recording() -> Iterator[list[LaunchSpec]]:
 
 def conv_args(stride, padding, dilation) -> dict:
     """The NHWC kernels' convolution arguments (stride_h, stride_w, pad_h, pad_w, dil_h, dil_w) from int pairs."""
-    return dict(stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[1], dil_h=dilation[0],
-                dil_w=dilation[1])  # fmt: skip
+    return dict(
+        stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[1], dil_h=dilation[0], dil_w=dilation[1]
+    )
 
 
 def nhwc_strides(prefix: str, t) -> dict:

@@ -50,8 +50,11 @@ def _prune_one(job: tuple) -> tuple:
 
     cfg = KernelConfig(**cfg_dict)
     launches = compile_check.record_launches(dtype_name, (c_in, width, KERNEL, STRIDE), {kind: cfg}, batch=8, size=8)
-    name = {"fwd": "moe_conv_fwd_nhwc_kernel", "dgrad": "moe_conv_dgrad_nhwc_kernel",
-            "wgrad": "moe_conv_wgrad_partial_kernel"}[kind]  # fmt: skip
+    name = {
+        "fwd": "moe_conv_fwd_nhwc_kernel",
+        "dgrad": "moe_conv_dgrad_nhwc_kernel",
+        "wgrad": "moe_conv_wgrad_partial_kernel",
+    }[kind]
     launches = [launch for launch in launches if launch.name == name]
     try:
         reports = compile_check.inspect_launches(launches, arch, dtype_name, f"c{c_in}w{width}")
@@ -79,8 +82,16 @@ def prune(arch: int, dtypes, shapes, workers: int) -> tuple[dict, list]:
         for job, problems in pool.map(_prune_one, jobs):
             arch_, dtype_name, c_in, width, kind, cfg = job
             if problems:
-                rejects.append({"kind": kind, "dtype": dtype_name, "c_in": c_in, "width": width, "config": cfg,
-                                "problems": problems})  # fmt: skip
+                rejects.append(
+                    {
+                        "kind": kind,
+                        "dtype": dtype_name,
+                        "c_in": c_in,
+                        "width": width,
+                        "config": cfg,
+                        "problems": problems,
+                    }
+                )
             else:
                 kept.setdefault((kind, dtype_name, c_in, width), []).append(tuning.KernelConfig(**cfg))
     return kept, rejects
@@ -167,8 +178,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.benchmark = True
     present = available_backends()
     cudnn_name = next((b for b in ("cuda", "slices", "reference") if b in present), "reference")
-    table = {"gpu": name, "arch": arch, "triton": triton.__version__, "torch": torch.__version__,
-             "batch": args.batch, "configs": {}, "auto": {}, "timings": [], "rejects": rejects}  # fmt: skip
+    table = {
+        "gpu": name,
+        "arch": arch,
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "batch": args.batch,
+        "configs": {},
+        "auto": {},
+        "timings": [],
+        "rejects": rejects,
+    }
     for dtype_name in dtypes:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
         for c_in, width, size in shapes:
@@ -183,8 +203,16 @@ def main(argv: list[str] | None = None) -> int:
                 for cfg in kept.get((kind, dtype_name, c_in, width), []):
                     us = time_kind(kind, cfg, inputs, grad_out)
                     timed.append((us, cfg))
-                    row = {"kind": kind, "dtype": dtype_name, "class": cls, "c_in": c_in, "width": width,
-                           "size": size, "config": asdict(cfg), "us": us}  # fmt: skip
+                    row = {
+                        "kind": kind,
+                        "dtype": dtype_name,
+                        "class": cls,
+                        "c_in": c_in,
+                        "width": width,
+                        "size": size,
+                        "config": asdict(cfg),
+                        "us": us,
+                    }
                     table["timings"].append(row)
                 if timed:
                     us, best = min(timed, key=lambda item: item[0])
@@ -200,10 +228,16 @@ def main(argv: list[str] | None = None) -> int:
                 triton_us = time_op("triton", inputs)
             cudnn_us = time_op(cudnn_name, inputs)
             choice = "triton" if triton_us < cudnn_us else "cudnn"
-            table["auto"][f"{dtype_name}|{cls}"] = {"backend": choice, "triton_us": triton_us, "cudnn_us": cudnn_us,
-                                                    "cudnn_backend": cudnn_name}  # fmt: skip
-            print(f"  auto {dtype_name} {cls}: triton {triton_us:.1f} us, {cudnn_name} {cudnn_us:.1f} us -> {choice}",
-                  flush=True)  # fmt: skip
+            table["auto"][f"{dtype_name}|{cls}"] = {
+                "backend": choice,
+                "triton_us": triton_us,
+                "cudnn_us": cudnn_us,
+                "cudnn_backend": cudnn_name,
+            }
+            print(
+                f"  auto {dtype_name} {cls}: triton {triton_us:.1f} us, {cudnn_name} {cudnn_us:.1f} us -> {choice}",
+                flush=True,
+            )
     out = Path(args.out) / f"{tuning.gpu_slug(name)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(table, indent=1) + "\n")

@@ -68,8 +68,15 @@ class KernelConfig:
 # Under TRITON_INTERPRET=1 every kernel runs with this one configuration; tests shrink it (monkeypatch).
 # channel_pad: K channels padded to a multiple of this (compiled kernels: 16, see launcher.channel_pad_multiple).
 # tma: the forward loads weight blocks through a tensor descriptor.
-INTERPRETER_CONFIG = {"block_m": 32, "block_n": 32, "block_k": 32, "programs": 4, "wgrad_chunks": 4, "channel_pad": 16,
-                      "tma": False}  # fmt: skip
+INTERPRETER_CONFIG = {
+    "block_m": 32,
+    "block_n": 32,
+    "block_k": 32,
+    "programs": 4,
+    "wgrad_chunks": 4,
+    "channel_pad": 16,
+    "tma": False,
+}
 
 
 def _pow2_at_least(value: int, low: int, high: int) -> int:
@@ -99,8 +106,9 @@ def default_config(kind: str, dtype: torch.dtype, cols: int) -> KernelConfig:
         return KernelConfig(64 if wide else 32, _pow2_at_least(cols, 16, 64), block_k, num_warps=4, num_stages=3)
     block_n = _pow2_at_least(cols, 16, 128 if wide else 64)
     # fp32 (TF32) at 128x64 sits at 255 registers; 4 stages compiled without spills on every checked shape.
-    return KernelConfig(128 if block_n <= 64 else 64, block_n, block_k, num_warps=4 if block_n <= 64 else 8,
-                        num_stages=3 if wide else 4)  # fmt: skip
+    return KernelConfig(
+        128 if block_n <= 64 else 64, block_n, block_k, num_warps=4 if block_n <= 64 else 8, num_stages=3 if wide else 4
+    )
 
 
 def candidate_configs(kind: str, dtype: torch.dtype, cols: int) -> list[KernelConfig]:
@@ -110,12 +118,20 @@ def candidate_configs(kind: str, dtype: torch.dtype, cols: int) -> list[KernelCo
     n_small = _pow2_at_least(cols, 16, 64)
     n_big = _pow2_at_least(cols, 16, 128 if wide else 64)
     if kind == "wgrad":
-        raw = [(64, n_small, block_k, 4, 3), (128, n_small, block_k, 8, 3), (32, n_small, block_k, 4, 4),
-               (64, n_small, 2 * block_k, 8, 3)]  # fmt: skip
+        raw = [
+            (64, n_small, block_k, 4, 3),
+            (128, n_small, block_k, 8, 3),
+            (32, n_small, block_k, 4, 4),
+            (64, n_small, 2 * block_k, 8, 3),
+        ]
     else:
-        raw = [(128, n_big, block_k, 4 if n_big <= 64 else 8, 3), (128, n_small, block_k, 4, 4),
-               (64, n_small, block_k, 4, 4), (256, n_small, block_k, 8, 3),
-               (128, n_big, 2 * block_k, 8, 2)]  # fmt: skip
+        raw = [
+            (128, n_big, block_k, 4 if n_big <= 64 else 8, 3),
+            (128, n_small, block_k, 4, 4),
+            (64, n_small, block_k, 4, 4),
+            (256, n_small, block_k, 8, 3),
+            (128, n_big, 2 * block_k, 8, 2),
+        ]
     out = [default_config(kind, dtype, cols)]
     if kind == "fwd":
         out.append(dataclasses.replace(out[0], tma=True))
@@ -178,9 +194,14 @@ def forced_configs(configs: dict[str, KernelConfig]) -> Iterator[None]:
 
 
 def get_config(
-    kind: str, dtype: torch.dtype, c_in: int, width: int, kernel: tuple[int, int], stride: tuple[int, int],
+    kind: str,
+    dtype: torch.dtype,
+    c_in: int,
+    width: int,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
     device: torch.device,
-) -> KernelConfig:  # fmt: skip
+) -> KernelConfig:
     """Launch configuration of one kernel; never fails (defaults for anything not in the table).
 
     Under the interpreter: ``INTERPRETER_CONFIG``. The reason of the last choice per key is kept for
@@ -196,8 +217,14 @@ def get_config(
     if interpreted():
         cfg = INTERPRETER_CONFIG
         _reasons[key] = "interpreter configuration"
-        return KernelConfig(cfg["block_m"], cfg["block_n"], cfg["block_k"], num_warps=1, num_stages=1,
-                            tma=cfg.get("tma", False) and kind == "fwd")  # fmt: skip
+        return KernelConfig(
+            cfg["block_m"],
+            cfg["block_n"],
+            cfg["block_k"],
+            num_warps=1,
+            num_stages=1,
+            tma=cfg.get("tma", False) and kind == "fwd",
+        )
     table, source = _device_table(device)
     entry = (table or {}).get("configs", {}).get("|".join(key))
     if entry is None:
@@ -216,9 +243,14 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def choose_backend(
-    dtype: torch.dtype, c_in: int, width: int, kernel: tuple[int, int], stride: tuple[int, int], device: torch.device,
+    dtype: torch.dtype,
+    c_in: int,
+    width: int,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    device: torch.device,
     available: tuple[str, ...] = ("cuda", "triton", "reference"),
-) -> tuple[str, str]:  # fmt: skip
+) -> tuple[str, str]:
     """The GPU backend ``backend="auto"`` should use for this shape and dtype, and why.
 
     Triton vs the cuDNN path (the ``cuda`` backend's cuDNN per expert group, else ``slices`` or the

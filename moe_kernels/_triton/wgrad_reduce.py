@@ -27,18 +27,48 @@ from moe_kernels._triton.spec import conv_args, gate_strides, launch, nhwc_strid
 # grid: (T, cdiv(WIDTH, BLOCK_N), KH*KW*cdiv(C_in, BLOCK_K))
 @triton.jit
 def moe_conv_wgrad_partial_kernel(
-    go_ptr, x_ptr, gate_ptr, part_ptr, bpart_ptr,
-    sample_ptr, slot_ptr, tile_start_ptr, tile_end_ptr,
-    C_in, H, W, H_out, W_out, WIDTH,
-    sgob, sgoh, sgow,
-    sxb, sxh, sxw,
-    sgb, sgk,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    KH: tl.constexpr, KW: tl.constexpr, EVEN_K: tl.constexpr,
-    HAS_GATE: tl.constexpr, NEED_W: tl.constexpr, NEED_BIAS: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+    go_ptr,
+    x_ptr,
+    gate_ptr,
+    part_ptr,
+    bpart_ptr,
+    sample_ptr,
+    slot_ptr,
+    tile_start_ptr,
+    tile_end_ptr,
+    C_in,
+    H,
+    W,
+    H_out,
+    W_out,
+    WIDTH,
+    sgob,
+    sgoh,
+    sgow,
+    sxb,
+    sxh,
+    sxw,
+    sgb,
+    sgk,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    dil_h,
+    dil_w,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    NEED_W: tl.constexpr,
+    NEED_BIAS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -111,9 +141,26 @@ def expert_first_tile(schedule, num_experts: int) -> torch.Tensor:
     return torch.searchsorted(schedule.tile_expert.contiguous(), experts).to(torch.int64)
 
 
-def launch_wgrad_nhwc(go_nhwc, x_nhwc, gate, need_w, need_b, sorted_slots, schedule, num_experts, width, stride,
-                      padding, dilation, kernel_size, acc_dtype, out_dtype, dot, config,
-                      reduce_block=1024):  # fmt: skip
+def launch_wgrad_nhwc(
+    go_nhwc,
+    x_nhwc,
+    gate,
+    need_w,
+    need_b,
+    sorted_slots,
+    schedule,
+    num_experts,
+    width,
+    stride,
+    padding,
+    dilation,
+    kernel_size,
+    acc_dtype,
+    out_dtype,
+    dot,
+    config,
+    reduce_block=1024,
+):
     """Weight and bias gradients of all experts (two launches, no atomics).
 
     Args:
@@ -138,34 +185,69 @@ def launch_wgrad_nhwc(go_nhwc, x_nhwc, gate, need_w, need_b, sorted_slots, sched
     k_programs = kh * kw * triton.cdiv(c_in, config.block_k) if need_w else 1
     grid = (num_tiles, triton.cdiv(width, config.block_n), k_programs)
     args = dict(
-        go_ptr=go_nhwc, x_ptr=x_nhwc, gate_ptr=gate if gate is not None else dummy,
-        part_ptr=dummy if part is None else part, bpart_ptr=dummy if bias_part is None else bias_part,
-        sample_ptr=sample, slot_ptr=slot, tile_start_ptr=schedule.tile_start, tile_end_ptr=schedule.tile_end,
-        C_in=c_in, H=x_nhwc.shape[1], W=x_nhwc.shape[2], H_out=go_nhwc.shape[1], W_out=go_nhwc.shape[2], WIDTH=width,
-        **nhwc_strides("sgo", go_nhwc), **nhwc_strides("sx", x_nhwc), **gate_strides(gate),
+        go_ptr=go_nhwc,
+        x_ptr=x_nhwc,
+        gate_ptr=gate if gate is not None else dummy,
+        part_ptr=dummy if part is None else part,
+        bpart_ptr=dummy if bias_part is None else bias_part,
+        sample_ptr=sample,
+        slot_ptr=slot,
+        tile_start_ptr=schedule.tile_start,
+        tile_end_ptr=schedule.tile_end,
+        C_in=c_in,
+        H=x_nhwc.shape[1],
+        W=x_nhwc.shape[2],
+        H_out=go_nhwc.shape[1],
+        W_out=go_nhwc.shape[2],
+        WIDTH=width,
+        **nhwc_strides("sgo", go_nhwc),
+        **nhwc_strides("sx", x_nhwc),
+        **gate_strides(gate),
         **conv_args(stride, padding, dilation),
-    )  # fmt: skip
+    )
     consts = dict(
-        KH=kh, KW=kw, EVEN_K=c_in % config.block_k == 0, HAS_GATE=gate is not None, NEED_W=need_w, NEED_BIAS=need_b,
-        ACC_DTYPE=dot.acc_dtype, UPCAST=dot.upcast, INPUT_PRECISION=dot.input_precision,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-    )  # fmt: skip
-    launch(moe_conv_wgrad_partial_kernel, grid, args, consts,
-           dict(num_warps=config.num_warps, num_stages=config.num_stages))  # fmt: skip
+        KH=kh,
+        KW=kw,
+        EVEN_K=c_in % config.block_k == 0,
+        HAS_GATE=gate is not None,
+        NEED_W=need_w,
+        NEED_BIAS=need_b,
+        ACC_DTYPE=dot.acc_dtype,
+        UPCAST=dot.upcast,
+        INPUT_PRECISION=dot.input_precision,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+    )
+    launch(
+        moe_conv_wgrad_partial_kernel,
+        grid,
+        args,
+        consts,
+        dict(num_warps=config.num_warps, num_stages=config.num_stages),
+    )
     first = expert_first_tile(schedule, num_experts)
     acc_tl = dot.acc_dtype
     grad_w = grad_b = None
     if need_w:
         grad_w = torch.empty(num_experts, width, k_total, dtype=out_dtype, device=device)
         length = width * k_total
-        launch(moe_conv_wgrad_reduce_kernel, (num_experts, triton.cdiv(length, reduce_block)),
-               dict(part_ptr=part, first_ptr=first, out_ptr=grad_w, L=length),
-               dict(ACC_DTYPE=acc_tl, BLOCK=reduce_block), {})  # fmt: skip
+        launch(
+            moe_conv_wgrad_reduce_kernel,
+            (num_experts, triton.cdiv(length, reduce_block)),
+            dict(part_ptr=part, first_ptr=first, out_ptr=grad_w, L=length),
+            dict(ACC_DTYPE=acc_tl, BLOCK=reduce_block),
+            {},
+        )
         grad_w = grad_w.view(num_experts, width, kh, kw, c_in)
     if need_b:
         grad_b = torch.empty(num_experts, width, dtype=out_dtype, device=device)
-        launch(moe_conv_wgrad_reduce_kernel, (num_experts, triton.cdiv(width, reduce_block)),
-               dict(part_ptr=bias_part, first_ptr=first, out_ptr=grad_b, L=width),
-               dict(ACC_DTYPE=acc_tl, BLOCK=reduce_block), {})  # fmt: skip
+        launch(
+            moe_conv_wgrad_reduce_kernel,
+            (num_experts, triton.cdiv(width, reduce_block)),
+            dict(part_ptr=bias_part, first_ptr=first, out_ptr=grad_b, L=width),
+            dict(ACC_DTYPE=acc_tl, BLOCK=reduce_block),
+            {},
+        )
         grad_b = grad_b.reshape(-1)
     return grad_w, grad_b

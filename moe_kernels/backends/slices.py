@@ -34,16 +34,24 @@ def forward(call: ConvCall) -> torch.Tensor:
     plan = call.routing_plan()
     batch, top_k, width = call.batch, call.top_k, call.width
     h_out, w_out = call.out_hw
-    out = torch.empty(batch, top_k * width, h_out, w_out, dtype=x.dtype, device=x.device,
-                      memory_format=output_memory_format(x) if top_k == 1 else torch.contiguous_format)  # fmt: skip
+    out = torch.empty(
+        batch,
+        top_k * width,
+        h_out,
+        w_out,
+        dtype=x.dtype,
+        device=x.device,
+        memory_format=output_memory_format(x) if top_k == 1 else torch.contiguous_format,
+    )
     out_slots = out.view(batch * top_k, width, h_out, w_out) if top_k > 1 else out  # k = 1: slot index = sample
     gate_sorted = None if gate is None else gate.reshape(-1)[plan.sample * top_k + plan.slot]
     for e, start, end, first_sample, slot in plan.host_groups():
         rows = slice(e * width, (e + 1) * width)
         n = end - start
         x_e = x[first_sample : first_sample + n] if first_sample >= 0 else x.index_select(0, plan.sample[start:end])
-        y_e = F.conv2d(x_e, weight[rows], None if bias is None else bias[rows], call.stride, call.padding,
-                       call.dilation)  # fmt: skip
+        y_e = F.conv2d(
+            x_e, weight[rows], None if bias is None else bias[rows], call.stride, call.padding, call.dilation
+        )
         if gate_sorted is not None:
             y_e = y_e * gate_sorted[start:end, None, None, None].to(y_e.dtype)
         if first_sample >= 0:
