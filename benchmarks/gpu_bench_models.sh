@@ -45,7 +45,7 @@ install_wheels
   | tee "$OUT/logs/env.log"
 
 # 1. Correctness on the GPU: capture tests, then logits of every deployed mode against the source model.
-step pytest_deploy_cuda 120 $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_deploy.py
+step pytest_deploy_cuda 120 $PY -m pytest -q -p no:cacheprovider -m cuda tests/library/test_deploy.py
 step logits_gpu 90 $PY - <<'PYEOF'
 import torch
 from advmoe.bench.models import balance_router

@@ -45,8 +45,8 @@ else
     >"$LOG_DIR/build.log" 2>&1; echo "build rc=$?" >>"$LOG_DIR/build.log" ) &
 BUILD_PID=$!
 fi
-step standalone_build 120 "$NVCC" -std=c++17 -O2 -lineinfo -arch=sm_90 -o /tmp/standalone_test \
-  csrc/cuda/standalone_test.cu csrc/cuda/sparse_moe_conv2d_kernel.cu
+step standalone_build 120 "$NVCC" -std=c++17 -O2 -lineinfo -arch=sm_90 -I csrc/cuda -o /tmp/standalone_test \
+  tests/cuda/standalone_test.cu csrc/cuda/sparse_moe_conv2d_kernel.cu
 step standalone_run 60 /tmp/standalone_test
 step sanitize_memcheck 90 "$SAN" --tool memcheck --leak-check full --error-exitcode 1 /tmp/standalone_test --quick
 step sanitize_racecheck 90 "$SAN" --tool racecheck --error-exitcode 1 /tmp/standalone_test --quick
@@ -61,9 +61,9 @@ step backends 30 $PY -c "import moe_kernels as m; print(m.available_backends());
 step pytest_cuda_gpu 180 $PY -m pytest -q -p no:cacheprovider -m cuda tests --junitxml="$OUT_DIR/results/junit_cuda.xml"
 # 3. memcheck over torch-level calls (few cases: the sanitizer slows everything down).
 step sanitize_torch_cuda 60 "$SAN" --tool memcheck --error-exitcode 1 $PY -m pytest -q -x -p no:cacheprovider \
-  tests/test_cuda_backend.py -k "matches_reference and fp32 and (basic or empty_expert or k2_of_4)"
+  tests/kernels/test_cuda_backend.py -k "matches_reference and fp32 and (basic or empty_expert or k2_of_4)"
 step sanitize_torch_triton 60 "$SAN" --tool memcheck --error-exitcode 1 $PY -m pytest -q -x -p no:cacheprovider \
-  -m cuda tests/test_triton_backend.py -k "fp32 and not tf32 and not sync" --maxfail=1
+  -m cuda tests/kernels/test_triton_backend.py -k "fp32 and not tf32 and not sync" --maxfail=1
 
 # 4. Tune the Triton kernels once (compile-pruned candidates, then timed); later steps use the new table.
 step triton_tune 300 $PY -m moe_kernels._triton.tune --out "$OUT_DIR/tuned" --budget-s 240

@@ -2,9 +2,13 @@
 machine the Triton kernels run in the interpreter (TRITON_INTERPRET=1, set before triton is imported)."""
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers: `from helpers.op_cases import ...`
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

@@ -2,7 +2,7 @@
 
 Folding rounds the router's scores differently (a few ulps), so a sample whose two best scores are closer
 than that noise can switch expert. ``routing_agreement`` measures how often the folded router takes the
-source router's decision; ``tests/test_deploy.py`` requires >= 99.9% on clean and PGD inputs.
+source router's decision; ``tests/library/test_deploy.py`` requires >= 99.9% on clean and PGD inputs.
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ def channel_pad_multiple() -> int:
     """Channels of the K axis are zero-padded to a multiple of this (16 compiled; interpreter: configurable).
 
     With 16, every NHWC row starts 16-element aligned and each K step is a full block: the compiled
-    kernels take the unmasked, vectorised ``EVEN_K`` path for any C_in and w (tests/test_triton_compile.py:
+    kernels take the unmasked, vectorised ``EVEN_K`` path for any C_in and w (tests/kernels/test_triton_sm90_ptx.py:
     the masked path spills registers on sm_90). ResNet-like channel counts (multiples of 16) need no padding.
     """
     return tuning.INTERPRETER_CONFIG["channel_pad"] if interpreted() else 16

@@ -93,7 +93,7 @@ def shape_class(c_in: int, width: int, kernel: tuple[int, int], stride: tuple[in
 
 
 def default_config(kind: str, dtype: torch.dtype, cols: int) -> KernelConfig:
-    """Safe sm_80/sm_90 configuration (compile-checked for sm_90, see tests/test_triton_compile.py).
+    """Safe sm_80/sm_90 configuration (compile-checked for sm_90, see tests/kernels/test_triton_sm90_ptx.py).
 
     Args:
         kind: "fwd", "dgrad" or "wgrad".

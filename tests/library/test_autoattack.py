@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from attack_models import accuracy, digits_8x8, trained_mlp
+from helpers.attack_models import accuracy, digits_8x8, trained_mlp
 from torch import nn
 
 from advmoe.attacks import (

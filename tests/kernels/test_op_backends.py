@@ -6,7 +6,7 @@ independent of every backend's explicit backward (the reference backend's includ
 
 import pytest
 import torch
-from op_cases import CASES, assert_close, make_inputs
+from helpers.op_cases import CASES, assert_close, make_inputs
 
 import moe_kernels
 from moe_kernels import sparse_moe_conv2d, sparse_moe_conv2d_ref

@@ -1,4 +1,4 @@
-"""Triton-specific checks of the ``triton`` backend, beyond tests/test_op_backends.py.
+"""Triton-specific checks of the ``triton`` backend, beyond tests/kernels/test_op_backends.py.
 
 On CPU the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set by conftest.py): the backend
 functions are compared with the reference forward and explicit backward in fp64, on the cases the
@@ -11,7 +11,7 @@ import dataclasses
 
 import pytest
 import torch
-from op_cases import CASES, Case, assert_close, make_inputs
+from helpers.op_cases import CASES, Case, assert_close, make_inputs
 
 from moe_kernels import reference, sparse_moe_conv2d, sparse_moe_conv2d_ref
 from moe_kernels._triton import tuning

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from attack_models import accuracy, digits_8x8, small_cnn, trained_mlp
+from helpers.attack_models import accuracy, digits_8x8, small_cnn, trained_mlp
 from torch import nn
 
 from advmoe.attacks import (
@@ -335,7 +335,7 @@ def test_nan_input_propagates_to_its_own_sample_only(name):
     assert out.flatten(1).isnan().any(1).tolist() == [False, False, True, False, False, False]
 
 
-# --- on a GPU (skipped without one; run with `pytest -m cuda tests/test_attacks.py`) ------------------
+# --- on a GPU (skipped without one; run with `pytest -m cuda tests/library/test_attacks.py`) ------------------
 
 
 @pytest.mark.cuda

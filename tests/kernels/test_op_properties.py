@@ -11,8 +11,16 @@ HERE = Path(__file__).resolve().parent
 
 def test_property_checks_in_subprocess():
     env = {**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "property_checks.py")]
-    proc = subprocess.run(cmd, cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=900)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        str(HERE.parent / "helpers" / "property_checks.py"),
+    ]
+    proc = subprocess.run(cmd, cwd=HERE.parents[1], env=env, capture_output=True, text=True, timeout=900)
     report = proc.stdout[-4000:] + proc.stderr[-4000:]
     assert proc.returncode >= 0, f"the interpreter crashed (signal {-proc.returncode}):\n{report}"
     assert proc.returncode == 0, f"property checks failed:\n{report}"

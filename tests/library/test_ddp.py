@@ -6,7 +6,7 @@ import json
 import subprocess
 
 import torch
-from train_utils import PYTHON, REPO, subprocess_env, tiny_config, write_config
+from helpers.train_utils import PYTHON, REPO, subprocess_env, tiny_config, write_config
 
 from advmoe.checkpoint import load_checkpoint
 from advmoe.train.data import EpochBatchSampler

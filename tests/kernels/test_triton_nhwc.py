@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from op_cases import CASES, Case, assert_close, make_inputs
+from helpers.op_cases import CASES, Case, assert_close, make_inputs
 
 from moe_kernels.call import ConvCall
 from moe_kernels.reference import sparse_moe_conv2d_backward_ref, sparse_moe_conv2d_ref

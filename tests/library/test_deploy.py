@@ -189,7 +189,7 @@ def test_to_sparse_research_checkpoint():
     )  # the research code's router has no input norm
     x = _images(4)
     balance_router(source, x)
-    # the checkpoint file format itself is tested in tests/test_checkpoint.py
+    # the checkpoint file format itself is tested in tests/library/test_checkpoint.py
     ckpt = _research_format(source)
     model = load_research_checkpoint(ckpt, "resnet18_cifar_moe", num_experts=2, ratio=0.125, num_classes=10)
     deployed = to_sparse(model, example_input=x[:2])

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from train_utils import PYTHON, REPO, subprocess_env, tiny_config, write_config
+from helpers.train_utils import PYTHON, REPO, subprocess_env, tiny_config, write_config
 
 from advmoe.checkpoint import load_checkpoint
 from advmoe.train import ExperimentConfig, train

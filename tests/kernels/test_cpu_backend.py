@@ -3,7 +3,7 @@ duplicate experts in one sample, unbalanced routing, int32 indices, zero gates, 
 
 import pytest
 import torch
-from op_cases import assert_close
+from helpers.op_cases import assert_close
 
 import moe_kernels
 from moe_kernels import sparse_moe_conv2d, sparse_moe_conv2d_ref

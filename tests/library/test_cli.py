@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 import torch
-from train_utils import PYTHON, REPO, subprocess_env, tiny_config, write_config
+from helpers.train_utils import PYTHON, REPO, subprocess_env, tiny_config, write_config
 
 from advmoe.cli import build_parser, main
 

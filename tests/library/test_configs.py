@@ -12,11 +12,11 @@ from advmoe.data import list_datasets
 from advmoe.models import list_models
 from advmoe.train import ExperimentConfig, load_experiment_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 # What every config resolved to before the configs shared bases (generated at commit f4b9b24 from the then
 # self-contained files): "file" is the YAML mapping (``advmoe eval --config`` reads its ``eval`` section),
 # "resolved" the ``ExperimentConfig.to_dict()`` that ``advmoe train --config`` runs.
-RESOLVED = json.loads((Path(__file__).resolve().parent / "data" / "resolved_configs.json").read_text())
+RESOLVED = json.loads((Path(__file__).resolve().parents[1] / "data" / "resolved_configs.json").read_text())
 
 
 def test_the_configs_exist():

@@ -1,7 +1,7 @@
 """The ``cuda`` backend against the reference, forward and backward, on a GPU (skipped without one).
 
 Run on a GPU machine after `ADVMOE_CUDA=1 pip install --no-build-isolation -e .` with
-`python -m pytest -q -m cuda tests/test_cuda_backend.py`. Expected values come from the reference
+`python -m pytest -q -m cuda tests/kernels/test_cuda_backend.py`. Expected values come from the reference
 differentiated by plain autograd in fp64 on the CPU; TF32 is switched off so fp32 is compared as fp32.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from op_cases import CASES, Case, assert_close, make_inputs
+from helpers.op_cases import CASES, Case, assert_close, make_inputs
 
 import moe_kernels
 from moe_kernels import sparse_moe_conv2d, sparse_moe_conv2d_ref

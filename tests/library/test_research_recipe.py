@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_utils import tiny_config
+from helpers.train_utils import tiny_config
 
 from advmoe.attacks.research import research_attack
 from advmoe.nn import router_parameters
@@ -15,7 +15,7 @@ from advmoe.train import ExperimentConfig, Strategy, build_model, load_experimen
 from advmoe.train.forward import TrainForward, model_mode
 from advmoe.train.schedule import build_optimizer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _research(**kw):

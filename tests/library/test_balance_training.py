@@ -8,7 +8,7 @@ import types
 
 import pytest
 import torch
-from train_utils import tiny_config
+from helpers.train_utils import tiny_config
 
 from advmoe.nn import moe_layers
 from advmoe.nn.routing import balance_loss, entropy_balance_loss, load_balance_loss

@@ -1,13 +1,13 @@
-"""SparseMoEConv2d against the masked full-convolution formulation (tests/masked_moe.py)."""
+"""SparseMoEConv2d against the masked full-convolution formulation (tests/helpers/masked_moe.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.masked_moe import StraightThroughOneHot, masked_moe_conv
 
 from advmoe.nn import Routing, SparseMoEConv2d, top_k_routing
-from tests.masked_moe import StraightThroughOneHot, masked_moe_conv
 
 CASES = [
     # in, out, kernel, stride, padding, dilation, E, k, bias, B, H, W

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from helpers.masked_moe import masked_twin_, randomize_
 
 from advmoe.models import create_model, list_models
 from advmoe.nn import (
@@ -18,7 +19,6 @@ from advmoe.nn import (
     num_pathways,
     router_parameters,
 )
-from tests.masked_moe import masked_twin_, randomize_
 
 ZOO = [
     "resnet18_cifar",

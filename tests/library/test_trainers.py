@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from train_utils import tiny_config
+from helpers.train_utils import tiny_config
 
 from advmoe.attacks.losses import kl_loss
 from advmoe.data import build_dataset

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from op_cases import CASES, make_inputs
+from helpers.op_cases import CASES, make_inputs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import moe_kernels

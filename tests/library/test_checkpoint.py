@@ -184,7 +184,7 @@ def test_training_checkpoint_format_and_load_model(trained_checkpoint, monkeypat
 
 
 def test_research_checkpoint_format_and_load_model(tmp_path, monkeypatch):
-    from tests.masked_moe import ResearchResNetCifar, randomize_
+    from helpers.masked_moe import ResearchResNetCifar, randomize_
 
     torch.manual_seed(0)
     research = randomize_(ResearchResNetCifar(0.25, 2)).eval()

@@ -2,7 +2,7 @@
 
 - every kernel file ``csrc/cuda/*.cu`` compiles with ``nvcc -c`` for sm_80 and sm_90, without warnings, with
   the half/bf16 restrictions torch's extension build adds;
-- the torch-free ``csrc/cuda/standalone_test.cu`` (what compute-sanitizer runs on a GPU machine) compiles
+- the torch-free ``tests/cuda/standalone_test.cu`` (what compute-sanitizer runs on a GPU machine) compiles
   and links;
 - the torch binding ``csrc/cuda/sparse_moe_conv2d_cuda.cpp`` passes a C++ syntax check against the installed
   torch headers (a CPU torch ships the c10/ATen CUDA headers, minus one generated file stubbed here).
@@ -23,8 +23,9 @@ import torch
 
 import moe_kernels
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CUDA_DIR = ROOT / "csrc" / "cuda"
+STANDALONE = ROOT / "tests" / "cuda" / "standalone_test.cu"
 KERNEL_FILES = sorted(p for p in CUDA_DIR.glob("*.cu") if not p.name.startswith("standalone"))
 ARCHS = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
 # torch.utils.cpp_extension compiles .cu files with these: no implicit half/bf16 conversions.
@@ -73,7 +74,7 @@ def test_missing_cuda_backend_says_how_to_get_it():
 def test_kernel_files_exist():
     assert [p.name for p in KERNEL_FILES] == ["sparse_moe_conv2d_kernel.cu"]
     assert (CUDA_DIR / "sparse_moe_conv2d_kernel.h").exists()
-    assert (CUDA_DIR / "standalone_test.cu").exists()
+    assert STANDALONE.exists()
 
 
 @needs_nvcc
@@ -89,7 +90,7 @@ def test_kernels_compile_for_sm80_and_sm90(source, tmp_path):
 
 
 def test_kernel_files_have_no_torch_dependency():
-    for path in [*KERNEL_FILES, CUDA_DIR / "sparse_moe_conv2d_kernel.h", CUDA_DIR / "standalone_test.cu"]:
+    for path in [*KERNEL_FILES, CUDA_DIR / "sparse_moe_conv2d_kernel.h", STANDALONE]:
         text = path.read_text()
         for banned in ("torch/", "ATen/", "c10/"):
             assert f"#include <{banned}" not in text, f"{path.name} includes a {banned} header"
@@ -104,9 +105,11 @@ def test_standalone_program_compiles_and_links(tmp_path):
         "-O1",
         "-gencode",
         "arch=compute_90,code=sm_90",
+        "-I",
+        str(CUDA_DIR),
         "-o",
         str(exe),
-        str(CUDA_DIR / "standalone_test.cu"),
+        str(STANDALONE),
         str(CUDA_DIR / "sparse_moe_conv2d_kernel.cu"),
     ]
     result = _run(cmd)

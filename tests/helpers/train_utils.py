@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_config(strategy: str = "pgd_at", moe: bool | None = None, **train: Any) -> dict[str, Any]:

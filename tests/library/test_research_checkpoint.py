@@ -1,16 +1,16 @@
-"""Import of research-code checkpoints: research-layout masked models (tests/masked_moe.py) saved in the
+"""Import of research-code checkpoints: research-layout masked models (tests/helpers/masked_moe.py) saved in the
 research format load into our sparse models with identical logits and expert choices."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from helpers.masked_moe import ResearchResNetCifar, ResearchWRN, randomize_
 
 from advmoe.deploy import load_research_checkpoint
 from advmoe.deploy.research_checkpoint import convert_research_state_dict
 from advmoe.models import create_model
 from advmoe.nn import forward_with_aux
-from tests.masked_moe import ResearchResNetCifar, ResearchWRN, randomize_
 
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 
@@ -56,7 +56,7 @@ def test_router_copies_are_in_the_research_state_dict():
 
 def test_resnet18_cifar_round_trip():
     # loading from a file (the research checkpoint format) is tested with advmoe.checkpoint.load_model in
-    # tests/test_checkpoint.py; here the loaded dict goes straight to the converter
+    # tests/library/test_checkpoint.py; here the loaded dict goes straight to the converter
     torch.manual_seed(0)
     research = randomize_(ResearchResNetCifar(0.25, 2, normalize=(CIFAR_MEAN, CIFAR_STD))).eval()
     x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))

@@ -1,0 +1,1 @@
+"""Shared test helpers: op cases, the masked research MoE, attack models, training configs."""
