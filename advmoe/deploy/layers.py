@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from advmoe.nn import SparseMoEConv2d
-from moe_kernels import sparse_moe_conv2d
+from advmoe.nn.moe_conv import run_sparse_conv
 
 
 def _tracing() -> bool:
@@ -70,22 +70,7 @@ class FusedMoEConv2d(SparseMoEConv2d):
     def forward(self, x: torch.Tensor, routing=None) -> torch.Tensor:
         """x (B, C_in, H, W) -> (B, out_channels, H_out, W_out), then the fused activation."""
         expert_idx, gate = self.route(x, routing)
-        padding = self.padding
-        if self.padding_mode != "zeros" and any(padding):
-            x, padding = F.pad(x, (padding[1], padding[1], padding[0], padding[0]), mode=self.padding_mode), (0, 0)
-        return sparse_moe_conv2d(
-            x,
-            self.weight,
-            expert_idx,
-            self.num_experts,
-            gate=gate,
-            bias=self.bias,
-            stride=self.stride,
-            padding=padding,
-            dilation=self.dilation,
-            backend=self.backend,
-            activation=self.activation,
-        )
+        return run_sparse_conv(self, x, expert_idx, gate, activation=self.activation)
 
 
 class RoutedExpertConv2d(FusedMoEConv2d):

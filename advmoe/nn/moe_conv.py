@@ -23,6 +23,41 @@ from moe_kernels.plan import RoutingPlan
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
+def run_sparse_conv(layer: nn.Module, x: torch.Tensor, expert_idx: torch.Tensor, gate, **options) -> torch.Tensor:
+    """``sparse_moe_conv2d`` with a conv-like layer's weight, bias, geometry and backend.
+
+    A ``padding_mode`` other than "zeros" pads ``x`` first (the op pads with zeros only).
+
+    Args:
+        layer: has ``weight`` (E*w, C_in, kh, kw), ``bias``, ``num_experts``, ``stride``, ``padding``,
+            ``dilation``, ``padding_mode`` and ``backend``.
+        x: (B, C_in, H, W) input.
+        expert_idx: (B, k) chosen experts.
+        gate: (B, k) gates or None.
+        **options: further keyword arguments of the op (``plan``, ``activation``).
+
+    Returns:
+        (B, out_channels, H_out, W_out), as the op: only the chosen experts' channels are computed.
+    """
+    padding = layer.padding
+    if layer.padding_mode != "zeros" and any(padding):
+        pad = (padding[1], padding[1], padding[0], padding[0])
+        x, padding = F.pad(x, pad, mode=layer.padding_mode), (0, 0)
+    return sparse_moe_conv2d(
+        x,
+        layer.weight,
+        expert_idx,
+        layer.num_experts,
+        gate=gate,
+        bias=layer.bias,
+        stride=layer.stride,
+        padding=padding,
+        dilation=layer.dilation,
+        backend=layer.backend,
+        **options,
+    )
+
+
 class SparseMoEConv2d(nn.Module):
     """Channel-gated mixture-of-experts convolution, a drop-in for ``nn.Conv2d``.
 
@@ -209,23 +244,7 @@ class SparseMoEConv2d(nn.Module):
             with torch.no_grad():
                 ones = torch.ones(1, dtype=torch.int64, device=x.device).expand(expert_idx.numel())
                 self.expert_counts.index_add_(0, expert_idx.reshape(-1).to(self.expert_counts.device), ones)
-        padding = self.padding
-        if self.padding_mode != "zeros" and any(padding):
-            pad = (padding[1], padding[1], padding[0], padding[0])
-            x, padding = F.pad(x, pad, mode=self.padding_mode), (0, 0)
-        return sparse_moe_conv2d(
-            x,
-            self.weight,
-            expert_idx,
-            self.num_experts,
-            gate=gate,
-            bias=self.bias,
-            stride=self.stride,
-            padding=padding,
-            dilation=self.dilation,
-            backend=self.backend,
-            plan=self.shared_plan(x, routing, expert_idx),
-        )
+        return run_sparse_conv(self, x, expert_idx, gate, plan=self.shared_plan(x, routing, expert_idx))
 
     def extra_repr(self) -> str:
         s = (
