@@ -81,3 +81,11 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol
     diff = (actual.double() - expected.double()).abs()
     ok = bool((diff <= atol + rtol * expected.double().abs()).all()) if diff.numel() else True
     assert ok, f"{what}: max abs diff {diff.max().item():.3e}, mean {diff.mean().item():.3e} (atol {atol}, rtol {rtol})"
+
+
+def custom_op_args(case: Case, inputs: tuple, backend: str, plan: list | None = None) -> tuple:
+    """Positional arguments of ``torch.ops.moe_kernels.sparse_moe_conv2d`` for a case's ``make_inputs`` output
+    (activation "none"; ``plan``: the ``RoutingPlan.tensors()`` list, default none)."""
+    x, weight, expert_idx, gate, bias = inputs
+    stride, padding, dilation = list(case.stride), list(case.padding), list(case.dilation)
+    return (x, weight, expert_idx, gate, bias, case.experts, stride, padding, dilation, "none", backend, plan or [])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.op_cases import CASES, Case, assert_close, make_inputs
+from helpers.op_cases import CASES, Case, assert_close, custom_op_args, make_inputs
 
 import moe_kernels
 from moe_kernels import sparse_moe_conv2d, sparse_moe_conv2d_ref
@@ -222,21 +222,7 @@ def test_wrong_grad_out_shape_raises():
 
 def test_opcheck():
     case = CASES["k2_of_4"]
-    x, weight, expert_idx, gate, bias = make_inputs(case, torch.float64, device="cuda")
-    args = (
-        x,
-        weight,
-        expert_idx,
-        gate,
-        bias,
-        case.experts,
-        list(case.stride),
-        list(case.padding),
-        list(case.dilation),
-        "none",
-        "cuda",
-        [],
-    )
+    args = custom_op_args(case, make_inputs(case, torch.float64, device="cuda"), "cuda")
     torch.library.opcheck(torch.ops.moe_kernels.sparse_moe_conv2d.default, args)
 
 

@@ -6,7 +6,7 @@ independent of every backend's explicit backward (the reference backend's includ
 
 import pytest
 import torch
-from helpers.op_cases import CASES, assert_close, make_inputs
+from helpers.op_cases import CASES, assert_close, custom_op_args, make_inputs
 
 import moe_kernels
 from moe_kernels import sparse_moe_conv2d, sparse_moe_conv2d_ref
@@ -114,22 +114,9 @@ def test_low_precision_error_rule(backend, dtype):
 @pytest.mark.parametrize("with_plan", [False, True], ids=["no_plan", "plan"])
 def test_opcheck(backend, with_plan):
     case = CASES["k2_of_4"]
-    x, weight, expert_idx, gate, bias = make_inputs(case, torch.float64 if backend != "triton" else torch.float32)
-    plan = moe_kernels.RoutingPlan.build(expert_idx, case.experts).tensors() if with_plan else []
-    args = (
-        x,
-        weight,
-        expert_idx,
-        gate,
-        bias,
-        case.experts,
-        list(case.stride),
-        list(case.padding),
-        list(case.dilation),
-        "none",
-        backend,
-        plan,
-    )
+    inputs = make_inputs(case, torch.float64 if backend != "triton" else torch.float32)
+    plan = moe_kernels.RoutingPlan.build(inputs[2], case.experts).tensors() if with_plan else []
+    args = custom_op_args(case, inputs, backend, plan)
     torch.library.opcheck(torch.ops.moe_kernels.sparse_moe_conv2d.default, args)
 
 
