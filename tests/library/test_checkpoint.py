@@ -143,7 +143,7 @@ def test_rng_state_roundtrip_through_a_checkpoint(tmp_path):
 @pytest.fixture(scope="module")
 def trained_checkpoint(tmp_path_factory):
     """``last.pt`` of a one-step ``advmoe train`` run (written by the trainer itself)."""
-    from train_utils import tiny_config
+    from helpers.train_utils import tiny_config
 
     from advmoe.train import ExperimentConfig, train
 

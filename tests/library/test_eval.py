@@ -309,7 +309,7 @@ def brightness_moe(expert_logits, router):
 
     ``expert_logits``: [[a0 (2,), b0 (2,)], [a1, b1]] per expert. Logits = spatial mean of the layer output.
     """
-    # the research code's raw-logit gate: its steep router term is what masks plain PGD's gradient below
+    # the research code's raw-logit gate: its steep router term masked plain PGD through the gate's estimator
     moe = SparseMoEConv2d(1, 2, 1, num_experts=2, top_k=1, router=router, backend="reference", gate_score="logits")
     with torch.no_grad():
         moe.weight.copy_(SCALE * torch.tensor([a for a, _ in expert_logits]).view(4, 1, 1, 1))
@@ -331,7 +331,8 @@ PER_LAYER_EXPERTS = [[[-1.0, 1.0], [0.3, -0.3]], [[-1.0, 1.0], [0.495, -0.495]]]
 # S1 0.52 y1: expert 1. Frozen PGD (expert 1's gradient only) pushes m to ~0.489 < 0.495: the frozen model is
 #    fooled, but the real model routes 0.489 to expert 0, which is right (0.489 > 0.3). Plain PGD: right.
 # S2 0.32 y1: expert 0. Frozen PGD pushes m below 0.3: wrong on the frozen AND on the real model (still
-#    expert 0). Plain PGD follows the steep router term up, towards 0.5: never fooled (masked gradient).
+#    expert 0). Plain PGD through the gate's estimator followed the steep router term up, towards 0.5, and was
+#    never fooled (masked gradient); on the model's true gradient (what attacks use) it is fooled too.
 # R 0.80 y1 and T 0.25 y0: robust everywhere. W 0.20 y1: wrong when clean.
 PER_LAYER_X = grey([0.52, 0.32, 0.80, 0.25, 0.20])
 PER_LAYER_Y = torch.tensor([1, 1, 1, 0, 1])
@@ -352,7 +353,9 @@ def test_per_layer_frozen_routing_examples_are_rescored_on_the_real_model():
     )
     assert r["model"]["num_pathways"] is None  # per-layer router
     assert r["sa"] == pytest.approx(4 / 5)
-    assert r["ra"] == {"pgd_ce": pytest.approx(4 / 5), "pgd_cw": pytest.approx(4 / 5)}  # masked: S2 survives
+    # the attacks follow the model's true gradient (advmoe.nn.gate_gradient): the steep router term no longer
+    # masks S2 from plain PGD (through the gate's estimator S2 survived, RA 4/5)
+    assert r["ra"] == {"pgd_ce": pytest.approx(3 / 5), "pgd_cw": pytest.approx(3 / 5)}
     assert r["ra_frozen_routing"] == pytest.approx(2 / 5)  # S1 and S2 fool the frozen model
     assert r["ra_frozen_routing_rescored"] == pytest.approx(3 / 5)  # on the real model only S2 is fooled
     assert r["ra_worst"] == pytest.approx(3 / 5)  # counted (scoring them only on the frozen model gave 4/5)
@@ -374,7 +377,26 @@ def test_per_layer_uniform_pathways_and_soft_surrogate_count_in_the_worst_case()
     # follows expert 0 down and breaks S2 on the real model
     assert r["ra_soft_routing"] == pytest.approx(3 / 5) and r["sa_soft_routing"] == pytest.approx(4 / 5)
     assert r["ra_worst"] == pytest.approx(3 / 5)
-    assert any("soft-routing surrogate" in w for w in r["warnings"])
+    assert r["ra"]["pgd_ce"] == pytest.approx(3 / 5)  # the true-gradient plain attack finds S2 as well
+    assert not any("soft-routing surrogate" in w for w in r["warnings"])
+
+
+def test_stand_ins_below_the_plain_attacks_raise_the_masking_warning():
+    from advmoe.eval.evaluate import _result_warnings
+
+    result = {
+        "ra": {"pgd_ce": 0.8, "pgd_cw": 0.8},
+        "ra_pathway_worst": 0.8,
+        "ra_frozen_routing_rescored": None,
+        "ra_soft_routing": 0.6,
+        "num_samples": 5,
+        "config": {"eps": 0.1},
+        "sa": 0.8,
+    }
+    messages = _result_warnings(result)
+    assert len(messages) == 1 and "soft-routing surrogate" in messages[0] and "0.600" in messages[0]
+    result["ra_soft_routing"] = 0.8
+    assert _result_warnings(result) == []
 
 
 def test_soft_surrogate_examples_are_scored_on_the_hard_model():
