@@ -89,3 +89,15 @@ def custom_op_args(case: Case, inputs: tuple, backend: str, plan: list | None = 
     x, weight, expert_idx, gate, bias = inputs
     stride, padding, dilation = list(case.stride), list(case.padding), list(case.dilation)
     return (x, weight, expert_idx, gate, bias, case.experts, stride, padding, dilation, "none", backend, plan or [])
+
+
+# (x, weight, bias, gate) gradient subsets a backward is asked for: one input alone, then two together
+GRAD_SUBSETS = {
+    "x": (True, False, False, False),
+    "weight": (False, True, False, False),
+    "bias": (False, False, True, False),
+    "gate": (False, False, False, True),
+    "weight_bias": (False, True, True, False),
+    "x_gate": (True, False, False, True),
+}
+SINGLE_GRADS = ["x", "weight", "bias", "gate"]

@@ -11,7 +11,7 @@ import dataclasses
 
 import pytest
 import torch
-from helpers.op_cases import CASES, Case, assert_close, make_inputs
+from helpers.op_cases import CASES, GRAD_SUBSETS, Case, assert_close, make_inputs
 
 from moe_kernels import reference, sparse_moe_conv2d, sparse_moe_conv2d_ref
 from moe_kernels._triton import tuning
@@ -87,18 +87,7 @@ def test_channels_last_output_and_fp32(tiny_blocks):
     _compare(case, tol=1e-5, dtype=torch.float32)
 
 
-@pytest.mark.parametrize(
-    "needs",
-    [
-        (True, False, False, False),
-        (False, True, False, False),
-        (False, False, True, False),
-        (False, False, False, True),
-        (False, True, True, False),
-        (True, False, False, True),
-    ],
-    ids=["x", "weight", "bias", "gate", "weight_bias", "x_gate"],
-)
+@pytest.mark.parametrize("needs", list(GRAD_SUBSETS.values()), ids=list(GRAD_SUBSETS))
 def test_gradient_subsets(needs):
     _compare(Case(top_k=2, experts=3, batch=3), needs=needs)
 

@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from helpers.op_cases import CASES, Case, assert_close, make_inputs
+from helpers.op_cases import CASES, GRAD_SUBSETS, SINGLE_GRADS, Case, assert_close, make_inputs
 
 from moe_kernels.call import ConvCall
 from moe_kernels.reference import sparse_moe_conv2d_backward_ref, sparse_moe_conv2d_ref
@@ -110,16 +110,7 @@ def test_all_slots_on_one_expert():
     _check(case, expert_idx=torch.full((5, 1), 2, dtype=torch.int64))
 
 
-@pytest.mark.parametrize(
-    "needs",
-    [
-        (True, False, False, False),
-        (False, True, False, False),
-        (False, False, True, False),
-        (False, False, False, True),
-    ],
-    ids=["x", "weight", "bias", "gate"],
-)
+@pytest.mark.parametrize("needs", [GRAD_SUBSETS[k] for k in SINGLE_GRADS], ids=SINGLE_GRADS)
 def test_gradient_subsets(needs):
     _check(Case(top_k=2, experts=3, batch=2, size=(3, 4)), needs=needs)
 
