@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from advmoe.demo import DEFAULT_EPOCHS
+
 __all__ = ["DESCRIPTION", "HELP", "add_arguments", "run"]
 
 
@@ -17,7 +19,9 @@ DESCRIPTION = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``advmoe demo`` options."""
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--epochs", type=int, default=6, help="training epochs of each model (default 6)")
+    p.add_argument(
+        "--epochs", type=int, default=DEFAULT_EPOCHS, help=f"training epochs of each model (default {DEFAULT_EPOCHS})"
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     p.add_argument("--seed", type=int, default=1234, help="random seed (default 1234)")
     p.add_argument(
