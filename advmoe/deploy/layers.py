@@ -4,7 +4,8 @@
 - ``FusedMoEConv2d``: the sparse op with folded BatchNorm and a fused ReLU (layer mode, any routing).
 - ``RoutedExpertConv2d``: top-1 with the layer's own per-layer router, computed without the op's generic
   path: at B = 1 the chosen expert's weight rows run as one ``conv2d``; for B > 1 the batch is grouped by
-  expert (one argsort, one host read of the counts) and each expert runs ``conv2d`` on its samples.
+  expert (one argsort, one host read of the counts), each expert runs ``conv2d`` on its samples and writes
+  its rows straight back to the samples' places.
 - ``GroupedExpertConv2d``: top-1 layer of a ``GroupedMoE`` network, whose batch arrives already sorted by
   expert: per-expert ``conv2d`` on contiguous slices, no gather or scatter.
 """
@@ -105,13 +106,13 @@ class RoutedExpertConv2d(FusedMoEConv2d):
         """x (B, C_in, H, W) -> (B, w, H_out, W_out), then the fused activation."""
         if not self._fast(routing) or x.shape[0] == 0:
             return super().forward(x, routing)
-        choice = self.router(x).argmax(dim=1)
+        scores = self.router(x)
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            y = self._select_conv(x, choice)  # no host sync allowed while a CUDA graph is captured
+            y = self._select_conv(x, scores.argmax(dim=1))  # no host sync allowed while a CUDA graph is captured
         elif x.shape[0] == 1:
-            y = self._expert_conv(x, int(choice[0]))
+            y = self._expert_conv(x, int(scores.argmax()))
         else:
-            y = _grouped_conv(self, x, choice)
+            y = _grouped_conv(self, x, scores.argmax(dim=1))
         return torch.relu_(y) if self.activation == "relu" else y
 
 
@@ -134,14 +135,24 @@ def _grouped_conv(layer: RoutedExpertConv2d, x: torch.Tensor, choice: torch.Tens
         return layer._expert_conv(x, used[0])
     order = torch.argsort(choice, stable=True)
     xs = x.index_select(0, order)
-    parts, start = [], 0
+    out, start = None, 0
     for e, c in enumerate(counts):
         if c:
-            parts.append(layer._expert_conv(xs[start : start + c], e))
+            y = layer._expert_conv(xs[start : start + c], e)
+            if out is None:
+                out = torch.empty(
+                    (x.shape[0], *y.shape[1:]), dtype=y.dtype, device=y.device, memory_format=_memory_format(y)
+                )
+            out.index_copy_(0, order[start : start + c], y)  # straight to the samples' rows: no concatenation
         start += c
-    ys = torch.cat(parts, 0)
-    out = torch.empty_like(ys)
-    return out.index_copy_(0, order, ys)
+    return out
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    """The memory format of a 4-D tensor t: contiguous when it is, else channels_last when it is that."""
+    if t.is_contiguous() or not t.is_contiguous(memory_format=torch.channels_last):
+        return torch.contiguous_format
+    return torch.channels_last
 
 
 @dataclass

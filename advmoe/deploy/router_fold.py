@@ -1,4 +1,5 @@
-"""Cheaper routers for inference: BatchNorm folded into the router's convolutions.
+"""Cheaper routers for inference: BatchNorm folded into the research router's convolutions
+(``fold_router``), and a per-layer router with a leaner eval forward (``FlatPerLayerRouter``, bit-identical).
 
 Folding rounds the router's scores differently (a few ulps), so a sample whose two best scores are closer
 than that noise can switch expert. ``routing_agreement`` measures how often the folded router takes the
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advmoe.nn import ResearchRouter, Router
+from advmoe.nn import PerLayerRouter, ResearchRouter, Router
 
 
 class FusedResearchRouter(ResearchRouter):
@@ -39,6 +40,33 @@ class FusedResearchRouter(ResearchRouter):
         if self.input_norm is not None:
             pooled = self.input_norm(pooled)
         return self.fc(pooled)
+
+
+class FlatPerLayerRouter(PerLayerRouter):
+    """A ``PerLayerRouter`` whose eval-mode forward on the CPU skips the work that calibrated norms do not need.
+
+    ``RouterInputNorm`` in eval mode also computes the batch's mean and variance and picks them with a tensor
+    ``where`` (so an uncalibrated model routes evenly without a host read); once the norm has running
+    statistics that work is wasted. Here, on the CPU, with the norm's statistics tracked, the forward is pool,
+    standardise with the running statistics, centre and scale per image, linear head: the same operations on
+    the same values as the source router, so the scores are bit-identical (tested), in half the operator
+    calls (measured at B = 1: ~100 -> ~40 us per ResNet-18 layer). In train mode, on other devices (where
+    reading the counter would be a host sync) and while the statistics were never tracked, it runs the
+    source forward. Same parameters, buffers and state-dict names.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Scores (B, E) for a feature map x (B, C_in, H, W)."""
+        norm = self.input_norm
+        if norm is None or norm.training or x.device.type != "cpu" or int(norm.num_batches_tracked) == 0:
+            return super().forward(x)
+        pooled = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        if pooled.shape[1] != norm.running_mean.numel():
+            return super().forward(x)  # the source's clear shape error
+        z = (pooled - norm.running_mean.to(pooled.dtype)) / torch.sqrt(norm.running_var.to(pooled.dtype) + norm.eps)
+        z = z - z.mean(1, keepdim=True)
+        z = z / torch.sqrt(z.pow(2).mean(1, keepdim=True) + norm.eps)
+        return F.linear(z, self.fc.weight, self.fc.bias)
 
 
 @torch.no_grad()

@@ -42,6 +42,7 @@ from advmoe.deploy.layers import (
     RoutedExpertConv2d,
 )
 from advmoe.deploy.routed_once import RoutedOnce
+from advmoe.deploy.router_fold import FlatPerLayerRouter
 from advmoe.nn import PerLayerRouter, RoutedModel, Router, SparseMoEConv2d, moe_layers, num_pathways
 
 MODES = ("auto", "pathway", "grouped", "layer")
@@ -282,6 +283,8 @@ def to_sparse(
         for _, layer in moe_layers(deployed):
             fast = layer.top_k == 1 and isinstance(layer.router, PerLayerRouter)
             layer.__class__ = RoutedExpertConv2d if fast else FusedMoEConv2d
+            if fast and type(layer.router) is PerLayerRouter:
+                layer.router.__class__ = FlatPerLayerRouter  # same state dict, same scores, fewer operator calls
             layer.track_usage = False
         fold_batchnorms(deployed, example)
         deploy_mode = "layer" if is_moe_model else "dense"

@@ -1,0 +1,90 @@
+"""advmoe.deploy.FlatPerLayerRouter and the per-layer deployed form: bit-identical scores, fallbacks, save/load."""
+
+import copy
+
+import pytest
+import torch
+
+from advmoe.deploy import RoutedExpertConv2d, load_deployed, save_deployed, to_sparse
+from advmoe.deploy.router_fold import FlatPerLayerRouter
+from advmoe.models import create_model
+from advmoe.nn import PerLayerRouter, forward_with_aux
+
+
+def _routers(channels: int = 24, experts: int = 3, tracked: bool = True) -> tuple[PerLayerRouter, FlatPerLayerRouter]:
+    torch.manual_seed(0)
+    src = PerLayerRouter(channels, experts).eval()
+    with torch.no_grad():
+        src.fc.bias.copy_(0.1 * torch.randn(experts))
+        norm = src.input_norm
+        norm.running_mean.copy_(0.3 * torch.randn(channels))
+        norm.running_var.copy_(0.5 + torch.rand(channels))
+        norm.num_batches_tracked.fill_(5 if tracked else 0)
+    flat = copy.deepcopy(src)
+    flat.__class__ = FlatPerLayerRouter
+    return src, flat
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_flat_router_scores_are_bit_identical(batch):
+    src, flat = _routers()
+    x = torch.randn(batch, 24, 5, 7)
+    with torch.no_grad():
+        assert torch.equal(flat(x), src(x))
+    assert list(flat.state_dict()) == list(src.state_dict())
+
+
+def test_flat_router_falls_back_where_the_short_path_does_not_apply():
+    x = torch.randn(4, 24, 5, 5)
+    src, flat = _routers(tracked=False)  # never-tracked statistics: the batch's own, as in the source
+    with torch.no_grad():
+        assert torch.equal(flat(x), src(x))
+    src, flat = _routers()
+    src.train()
+    flat.train()
+    out_src, out_flat = src(x), flat(x)  # train mode: batch statistics and running-estimate updates
+    assert torch.equal(out_flat, out_src)
+    assert torch.equal(flat.input_norm.running_mean, src.input_norm.running_mean)
+    assert int(flat.input_norm.num_batches_tracked) == 6
+    src.eval()
+    flat.eval()
+    with pytest.raises(ValueError, match=r"RouterInputNorm expects \(B, 24\) features"):
+        flat(torch.randn(2, 23, 5, 5))
+
+
+def _per_layer_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = create_model("resnet10_mini", num_experts=2, ratio=0.25, router="per_layer", backend="reference")
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(16, 3, 32, 32))  # tracks the router norms' statistics, as training does
+    return model.eval()
+
+
+def test_layer_mode_uses_flat_routers_and_survives_save_load(tmp_path):
+    model = _per_layer_model()
+    deployed = to_sparse(model)
+    layers = [m for m in deployed.modules() if isinstance(m, RoutedExpertConv2d)]
+    assert layers and all(type(m.router) is FlatPerLayerRouter for m in layers)
+    assert all(type(m.router) is PerLayerRouter for m in model.modules() if hasattr(m, "router") and m.router)
+    x = torch.rand(7, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    reloaded = load_deployed(save_deployed(deployed, tmp_path / "d.pt"))
+    assert all(type(m.router) is FlatPerLayerRouter for m in reloaded.modules() if isinstance(m, RoutedExpertConv2d))
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(deployed(x), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(deployed(x[:1]), ref[:1], atol=1e-5, rtol=1e-5)
+        assert torch.equal(reloaded(x), deployed(x))
+
+
+def test_grouped_layers_keep_values_in_channels_last():
+    model = _per_layer_model()
+    deployed = to_sparse(model)
+    x = torch.rand(9, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        _, aux = forward_with_aux(model, x)
+        assert any(len(idx.unique()) > 1 for idx in aux.routing.values())  # some layer groups both experts
+        ref = deployed(x)
+        cl = copy.deepcopy(deployed).to(memory_format=torch.channels_last)
+        out = cl(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
