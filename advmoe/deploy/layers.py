@@ -20,6 +20,7 @@ from torch import nn
 
 from advmoe.nn import SparseMoEConv2d
 from advmoe.nn.moe_conv import run_sparse_conv
+from moe_kernels.geometry import output_memory_format
 
 
 def _tracing() -> bool:
@@ -141,18 +142,11 @@ def _grouped_conv(layer: RoutedExpertConv2d, x: torch.Tensor, choice: torch.Tens
             y = layer._expert_conv(xs[start : start + c], e)
             if out is None:
                 out = torch.empty(
-                    (x.shape[0], *y.shape[1:]), dtype=y.dtype, device=y.device, memory_format=_memory_format(y)
+                    (x.shape[0], *y.shape[1:]), dtype=y.dtype, device=y.device, memory_format=output_memory_format(y)
                 )
             out.index_copy_(0, order[start : start + c], y)  # straight to the samples' rows: no concatenation
         start += c
     return out
-
-
-def _memory_format(t: torch.Tensor) -> torch.memory_format:
-    """The memory format of a 4-D tensor t: contiguous when it is, else channels_last when it is that."""
-    if t.is_contiguous() or not t.is_contiguous(memory_format=torch.channels_last):
-        return torch.contiguous_format
-    return torch.channels_last
 
 
 @dataclass

@@ -18,7 +18,8 @@ Deployed forms, all giving the eval-mode logits of the source model:
 
 ``mode="auto"`` takes "layer" for per-layer routing or top-k > 1 (the only form that applies) and, for a
 model-level top-1 router, times "pathway" against "grouped" on the model's device at ``auto_batch`` and
-keeps "grouped" only when it is more than ``AUTO_MARGIN`` (5%) faster; ``deployed.deploy_reason`` says why. Dense models get BatchNorm folding only.
+keeps "grouped" only when it is more than ``AUTO_MARGIN`` (5%) faster; ``deployed.deploy_reason`` says why.
+Dense models get BatchNorm folding only.
 
 With ``fold_router=True`` (default) the model-level router's BatchNorms are folded too
 (``advmoe.deploy.fold_router``): a cheaper router whose scores differ from the source's by float rounding,
