@@ -157,6 +157,7 @@ def build_variants(
     backends: Sequence[str],
     router: str = "research",
     variants: Sequence[str] | None = None,
+    auto_batch: int = 64,
 ) -> tuple[dict[str, nn.Module], nn.Module]:
     """The models compared for one architecture, on ``device`` in ``dtype``, in eval mode, like for like.
 
@@ -171,6 +172,8 @@ def build_variants(
         variants: names to keep (default: all of dense, masked, sparse[...] ("sparse" selects every backend),
             deployed (auto mode), deployed[pathway], deployed[grouped], deployed[layer] (those the auto row is
             not), ideal, router).
+        auto_batch: the batch size at which the ``deployed`` (auto) row picks its form (``to_sparse``);
+            ``run_benchmark`` passes its largest batch.
 
     Returns:
         (name -> module, the MoE model).
@@ -216,7 +219,7 @@ def build_variants(
                 layer.track_usage = False
         out[f"sparse[{backend}]"] = m
     if wanted("deployed"):
-        out["deployed"] = to_sparse(moe, example_input=probe[:2], auto_batch=16)
+        out["deployed"] = to_sparse(moe, example_input=probe[:2], auto_batch=auto_batch)
     auto_mode = getattr(out.get("deployed"), "deploy_mode", None)
     for form in ("pathway", "grouped", "layer") if router == "research" else ():
         if form != auto_mode and wanted(f"deployed[{form}]"):  # the auto row already is that form
@@ -464,7 +467,9 @@ def run_benchmark(
     bar = tqdm(total=len(models) * len(batches), desc="bench", disable=not progress) if tqdm else _NoBar()
     for name in models:
         size = image_size(name) if not quick else 32
-        variants, moe = build_variants(name, ratio, num_experts, device, dtype, use_backends, router, variants_wanted)
+        variants, moe = build_variants(
+            name, ratio, num_experts, device, dtype, use_backends, router, variants_wanted, auto_batch=max(batches)
+        )
         x1 = torch.rand(1, moe.config["in_channels"], size, size, device=device, dtype=dtype)
         flops, unpriced = {}, {}
         try:

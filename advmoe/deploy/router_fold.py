@@ -47,13 +47,30 @@ class FlatPerLayerRouter(PerLayerRouter):
 
     ``RouterInputNorm`` in eval mode also computes the batch's mean and variance and picks them with a tensor
     ``where`` (so an uncalibrated model routes evenly without a host read); once the norm has running
-    statistics that work is wasted. Here, on the CPU, with the norm's statistics tracked, the forward is pool,
-    standardise with the running statistics, centre and scale per image, linear head: the same operations on
-    the same values as the source router, so the scores are bit-identical (tested), in half the operator
-    calls (measured at B = 1: ~100 -> ~40 us per ResNet-18 layer). In train mode, on other devices (where
-    reading the counter would be a host sync), under tracing or torch.compile, and while the statistics were
-    never tracked, it runs the source forward. Same parameters, buffers and state-dict names.
+    statistics that work is wasted. Here, on the CPU, with the norm's statistics tracked, the forward is five
+    operators: pool (``mean`` over H, W), subtract the running mean, divide by ``sqrt(running_var + eps)``
+    (computed once and kept until the buffers change), the per-image ``layer_norm``, the linear head. They are
+    the source router's operations on the same values, so the scores are bit-identical (tested). In train
+    mode, on other devices (where reading the counter would be a host sync), under tracing or torch.compile,
+    and while the statistics were never tracked, it runs the source forward. Same parameters, buffers and
+    state-dict names.
     """
+
+    def _eval_statistics(self, dtype: torch.dtype) -> tuple[bool, torch.Tensor, torch.Tensor]:
+        """(statistics tracked?, running mean, sqrt(running var + eps)) in ``dtype``, cached per buffer version."""
+        norm = self.input_norm
+        mean, var, tracked = norm.running_mean, norm.running_var, norm.num_batches_tracked
+        try:
+            key = (mean._version, var._version, tracked._version, mean.data_ptr(), var.data_ptr(), norm.eps, dtype)
+        except RuntimeError:  # inference tensors (created under inference_mode) have no version counter
+            key = None
+        cache = self.__dict__.get("_statistics_cache")
+        if key is not None and cache is not None and cache[0] == key:
+            return cache[1]
+        value = (int(tracked) != 0, mean.to(dtype), torch.sqrt(var.to(dtype) + norm.eps))
+        if key is not None:
+            self.__dict__["_statistics_cache"] = (key, value)
+        return value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Scores (B, E) for a feature map x (B, C_in, H, W)."""
@@ -62,15 +79,16 @@ class FlatPerLayerRouter(PerLayerRouter):
             norm is None
             or norm.training
             or x.device.type != "cpu"
+            or x.dim() != 4
+            or x.shape[1] != norm.running_mean.numel()
             or torch.jit.is_tracing()
             or torch.compiler.is_compiling()
-            or int(norm.num_batches_tracked) == 0
         ):
+            return super().forward(x)  # includes the source's clear shape error
+        tracked, mean, std = self._eval_statistics(x.dtype)
+        if not tracked:
             return super().forward(x)
-        pooled = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        if pooled.shape[1] != norm.running_mean.numel():
-            return super().forward(x)  # the source's clear shape error
-        z = (pooled - norm.running_mean.to(pooled.dtype)) / torch.sqrt(norm.running_var.to(pooled.dtype) + norm.eps)
+        z = (x.mean((2, 3)) - mean) / std
         return F.linear(norm._per_image(z), self.fc.weight, self.fc.bias)
 
 

@@ -208,8 +208,8 @@ def _time_forms(candidates: dict[str, nn.Module], example: torch.Tensor, batch: 
 
 
 # grouped must beat pathway by more than this share to be picked: at B=16 on a 2-core CPU the two forms were
-# within 1-3% of each other, with the winner changing between processes, while at B=64 pathway ran at 1.06x
-# the ideal slim network and grouped at 1.22-1.25x (ResNet-18 CIFAR, research router)
+# within 1-3% of each other, with the winner changing between processes (hence the default auto_batch of 64,
+# where pathway ran at 1.06x the ideal slim network and grouped at 1.22-1.25x; ResNet-18 CIFAR, research router)
 AUTO_MARGIN = 0.05
 
 
@@ -237,7 +237,7 @@ def to_sparse(
     mode: str = "auto",
     example_input: torch.Tensor | None = None,
     fold_router: bool = True,
-    auto_batch: int = 16,
+    auto_batch: int = 64,
 ) -> nn.Module:
     """Inference model with the source model's eval-mode logits, computing only active channels.
 
@@ -252,7 +252,8 @@ def to_sparse(
         example_input: (B, C, H, W) input used once to find conv -> BatchNorm chains; default: random
             images of the model's input size (32x32; 64x64 for ImageNet models).
         fold_router: fold the model-level router's BatchNorms (pathway/grouped forms; see module docstring).
-        auto_batch: batch size at which ``mode="auto"`` times pathway against grouped.
+        auto_batch: batch size at which ``mode="auto"`` times pathway against grouped: the batch size the
+            model will serve (default 64; at B = 1 both forms run one slim network).
 
     Returns:
         The deployed ``nn.Module``: ``deployed(x) -> logits (B, num_classes)``.

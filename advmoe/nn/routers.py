@@ -87,9 +87,12 @@ class RouterInputNorm(nn.Module):
         return self._per_image((z - mean) / torch.sqrt(var + self.eps))
 
     def _per_image(self, z: torch.Tensor) -> torch.Tensor:
-        """Then centres and scales each image's C standardised features (removes a shared per-image level)."""
-        z = z - z.mean(1, keepdim=True)
-        return z / torch.sqrt(z.pow(2).mean(1, keepdim=True) + self.eps)
+        """Then centres and scales each image's C standardised features (removes a shared per-image level).
+
+        ``(z - mean_c z) / sqrt(mean_c (z - mean_c z)^2 + eps)``, computed as one non-affine ``layer_norm``
+        (one operator instead of seven: the deployed per-layer routers run it once per MoE layer).
+        """
+        return F.layer_norm(z, z.shape[1:], eps=self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.running_mean.numel()}, eps={self.eps}, momentum={self.momentum}"
