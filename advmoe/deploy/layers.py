@@ -3,7 +3,8 @@
 - ``ExpertConv2d``: expert e of a ``SparseMoEConv2d`` as an ``nn.Conv2d`` (pathway mode).
 - ``FusedMoEConv2d``: the sparse op with folded BatchNorm and a fused ReLU (layer mode, any routing).
 - ``RoutedExpertConv2d``: top-1 with the layer's own per-layer router, computed without the op's generic
-  path: at B = 1 the chosen expert's weight rows run as one ``conv2d``; for B > 1 the batch is grouped by
+  path: at B = 1 the chosen expert's weight rows run as one ``conv2d`` (on the CPU from a cached plan: the
+  router's five operators and the expert rows, no router module call); for B > 1 the batch is grouped by
   expert (one argsort, one host read of the counts), each expert runs ``conv2d`` on its samples and writes
   its rows straight back to the samples' places.
 - ``GroupedExpertConv2d``: top-1 layer of a ``GroupedMoE`` network, whose batch arrives already sorted by
@@ -13,11 +14,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from advmoe.deploy.router_fold import FlatPerLayerRouter
 from advmoe.nn import SparseMoEConv2d
 from advmoe.nn.moe_conv import run_sparse_conv
 from moe_kernels.geometry import output_memory_format
@@ -103,8 +106,71 @@ class RoutedExpertConv2d(FusedMoEConv2d):
         """Sync-free form for CUDA graphs: all E experts on the whole batch, each sample keeps its own."""
         return _select_experts(self, x, choice)
 
+    def _one_image_plan(self) -> _OneImagePlan | None:
+        """The cached tensors of the CPU one-image path, or None where that path does not apply.
+
+        Applies to a ``FlatPerLayerRouter`` with a tracked, eval-mode input norm. The plan holds the running
+        mean, ``sqrt(running_var + eps)``, the head and every expert's weight and bias rows (views); it is
+        rebuilt when any of its seven source tensors is replaced, changed in place (version counter) or moved
+        (data pointer). Tensors made under ``torch.inference_mode`` have no version counter: no plan then.
+        """
+        router = self._modules.get("router")
+        if type(router) is not FlatPerLayerRouter or self.frozen_expert_idx is not None or self.top_k != 1:
+            return None
+        norm, fc = router._modules.get("input_norm"), router._modules.get("fc")
+        if norm is None or norm.training or self.padding_mode != "zeros":
+            return None
+        buffers = norm._buffers
+        sources = (
+            self._parameters["weight"],
+            self._parameters["bias"],
+            fc._parameters["weight"],
+            fc._parameters["bias"],
+            buffers["running_mean"],
+            buffers["running_var"],
+            buffers["num_batches_tracked"],
+        )
+        cached = self.__dict__.get("_one_image_cache")
+        try:
+            if cached is not None and all(
+                a is b and (a is None or (a._version == v and a.data_ptr() == p))
+                for a, b, (v, p) in zip(sources, cached[0], cached[1], strict=True)
+            ):
+                return cached[2]
+        except RuntimeError:  # a copy made under inference_mode kept the cache: inference tensors
+            return None
+        if any(t is not None and t.is_inference() for t in sources):
+            return None
+        weight, bias, fc_weight, fc_bias, mean, var, tracked = sources
+        plan = None
+        if int(tracked) != 0:
+            w = self.expert_width
+            rows = [slice(e * w, (e + 1) * w) for e in range(self.num_experts)]
+            plan = _OneImagePlan(
+                mean,
+                torch.sqrt(var + norm.eps),
+                norm.eps,
+                fc_weight,
+                fc_bias,
+                [weight[r] for r in rows],
+                [None if bias is None else bias[r] for r in rows],
+            )
+        stamp = [(0, 0) if t is None else (t._version, t.data_ptr()) for t in sources]
+        self.__dict__["_one_image_cache"] = (sources, stamp, plan)
+        return plan
+
     def forward(self, x: torch.Tensor, routing=None) -> torch.Tensor:
         """x (B, C_in, H, W) -> (B, w, H_out, W_out), then the fused activation."""
+        if routing is None and x.is_cpu and x.dim() == 4 and x.shape[0] == 1 and not _tracing():
+            plan = self._one_image_plan()
+            if plan is not None and x.dtype == plan.mean.dtype and x.shape[1] == plan.mean.shape[0]:
+                # The router's five operators on the same values as FlatPerLayerRouter (bit-identical scores),
+                # then the chosen expert's rows, without the module calls and checks of the general path.
+                z = (x.mean((2, 3)) - plan.mean) / plan.std
+                scores = F.linear(F.layer_norm(z, z.shape[1:], eps=plan.eps), plan.fc_weight, plan.fc_bias)
+                e = int(scores.argmax())
+                y = F.conv2d(x, plan.weights[e], plan.biases[e], self.stride, self.padding, self.dilation)
+                return torch.relu_(y) if self.activation == "relu" else y
         if not self._fast(routing) or x.shape[0] == 0:
             return super().forward(x, routing)
         scores = self.router(x)
@@ -115,6 +181,18 @@ class RoutedExpertConv2d(FusedMoEConv2d):
         else:
             y = _grouped_conv(self, x, scores.argmax(dim=1))
         return torch.relu_(y) if self.activation == "relu" else y
+
+
+class _OneImagePlan(NamedTuple):
+    """What ``RoutedExpertConv2d`` needs for one image on the CPU: router statistics, head, expert rows."""
+
+    mean: torch.Tensor  # (C_in,) running mean of the router norm
+    std: torch.Tensor  # (C_in,) sqrt(running_var + eps)
+    eps: float
+    fc_weight: torch.Tensor  # (E, C_in)
+    fc_bias: torch.Tensor | None  # (E,)
+    weights: list[torch.Tensor]  # E views (w, C_in, kh, kw) of the layer weight
+    biases: list[torch.Tensor | None]  # E views (w,) of the layer bias
 
 
 def _select_experts(layer: FusedMoEConv2d, x: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:

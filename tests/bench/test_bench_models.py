@@ -78,7 +78,7 @@ def test_bench_quick_writes_json_md_png(quick_bench):
     assert results["settings"]["quick"] is True and results["settings"]["dtype"] == "fp32"
     (entry,) = results["models"]
     assert entry["model"] == "resnet10_mini" and entry["deploy_mode"] in ("pathway", "grouped")
-    assert entry["deploy_reason"].startswith("auto: ")
+    assert entry["deploy_reason"].startswith("auto: ") and " at B=4 " in entry["deploy_reason"]  # largest batch
     assert results["provenance"]["commit"] and results["provenance"]["command"].startswith("advmoe bench")
     assert "BatchNorm folded" in results["settings"]["treatment"] and results["settings"]["execution"] == "eager"
     flops = entry["flops_g"]

@@ -279,6 +279,7 @@ def test_auto_mode_times_pathway_and_grouped_and_says_why():
         deployed.deploy_reason,
     )
     assert "pathway" in deployed.deploy_reason and "grouped" in deployed.deploy_reason
+    assert " on cpu at B=64 (" in to_sparse(model).deploy_reason  # default: timed at a serving batch of 64
     layer = to_sparse(_moe("resnet10_mini", router="per_layer"))
     assert layer.deploy_mode == "layer" and "per-layer routers" in layer.deploy_reason
 

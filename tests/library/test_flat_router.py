@@ -34,6 +34,30 @@ def test_flat_router_scores_are_bit_identical(batch):
     assert list(flat.state_dict()) == list(src.state_dict())
 
 
+def test_flat_router_follows_changed_statistics():
+    src, flat = _routers()
+    x = torch.randn(5, 24, 4, 4)
+    with torch.no_grad():
+        flat(x)  # fills the cached running std
+        for s in (src, flat):  # in place, as load_state_dict and calibration do
+            s.input_norm.running_var.mul_(3.0)
+            s.input_norm.running_mean.add_(0.5)
+        assert torch.equal(flat(x), src(x))
+        state = copy.deepcopy(src.state_dict())
+        state["input_norm.running_var"] = torch.full((24,), 0.25)
+        src.load_state_dict(state)
+        flat.load_state_dict(state)
+        assert torch.equal(flat(x), src(x))
+        flat.input_norm.num_batches_tracked.zero_()  # never tracked again: the batch's own statistics
+        src.input_norm.num_batches_tracked.zero_()
+        assert torch.equal(flat(x), src(x))
+    with torch.inference_mode():  # buffers made under inference_mode have no version counter: no caching
+        src2, flat2 = _routers()
+        flat2.input_norm.running_var = torch.full((24,), 2.0)
+        src2.input_norm.running_var = torch.full((24,), 2.0)
+        assert torch.equal(flat2(x), src2(x))
+
+
 def test_flat_router_falls_back_where_the_short_path_does_not_apply():
     x = torch.randn(4, 24, 5, 5)
     src, flat = _routers(tracked=False)  # never-tracked statistics: the batch's own, as in the source
@@ -88,3 +112,50 @@ def test_grouped_layers_keep_values_in_channels_last():
         cl = copy.deepcopy(deployed).to(memory_format=torch.channels_last)
         out = cl(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def _one_image_layers(deployed) -> list[RoutedExpertConv2d]:
+    return [m for m in deployed.modules() if isinstance(m, RoutedExpertConv2d)]
+
+
+def test_one_image_path_is_bit_identical_and_follows_weight_changes():
+    model = _per_layer_model()
+    deployed = to_sparse(model)
+    general = copy.deepcopy(deployed)
+    for layer in _one_image_layers(general):
+        layer._one_image_plan = lambda: None  # forces the general path (router module, per-call slicing)
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(deployed(x), general(x))
+        assert all(layer._one_image_plan() is not None for layer in _one_image_layers(deployed))  # path taken
+        for net in (deployed, general):  # in place: weights, head, router statistics
+            for layer in _one_image_layers(net):
+                layer.weight.mul_(1.5)
+                layer.router.fc.bias.add_(torch.tensor([2.0, -2.0]))
+                layer.router.input_norm.running_var.mul_(4.0)
+        assert torch.equal(deployed(x), general(x))
+        for net in (deployed, general):  # replaced parameters
+            for layer in _one_image_layers(net):
+                layer.weight = torch.nn.Parameter(layer.weight.flip(0).clone())
+        assert torch.equal(deployed(x), general(x))
+        torch.testing.assert_close(deployed(x), deployed(x.expand(3, -1, -1, -1))[:1], atol=1e-5, rtol=1e-5)
+
+
+def test_one_image_path_steps_aside_where_it_does_not_apply():
+    model = _per_layer_model()
+    deployed = to_sparse(model)
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    layer = _one_image_layers(deployed)[0]
+    with torch.no_grad():
+        ref = model(x)
+        layer.router.input_norm.num_batches_tracked.zero_()  # untracked norm: the source forward decides
+        assert layer._one_image_plan() is None
+        layer.router.input_norm.num_batches_tracked.fill_(1)
+        assert layer._one_image_plan() is not None
+        torch.testing.assert_close(deployed(x), ref, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match=r"RouterInputNorm expects \(B, 16\)"):  # the general path's error
+            deployed.layer1(torch.rand(1, 5, 8, 8))
+    with torch.inference_mode():
+        made_here = copy.deepcopy(deployed)  # inference tensors: no version counter, so no cached plan
+        assert _one_image_layers(made_here)[0]._one_image_plan() is None
+        torch.testing.assert_close(made_here(x), ref, atol=1e-5, rtol=1e-5)
