@@ -1,12 +1,15 @@
 """One command for the CPU claims: deployed MoE ResNet-18 vs the BatchNorm-folded dense model, B=64 and B=1.
 
-For each router kind (research = one model-level router, per_layer = a router per MoE layer), runs
-``advmoe bench`` in 3 SEPARATE processes (2 threads, variants dense / deployed / ideal / router), then writes
+For each router kind (research = one model-level router, per_layer = a router per MoE layer) and each
+layout (contiguous = NCHW, channels_last = NHWC; every model and input in that layout), runs ``advmoe bench``
+in 3 SEPARATE processes (2 threads, variants dense / deployed / ideal / router), then writes
 
 - ``benchmarks/results/<cpu-device>/claims.json``: {"commit", "device", "claims": [{"id", "value", "target",
   "source"}]}, value = the MEDIAN over the processes of each process's median ratio deployed/dense, plus its
-  min and max;
-- ``benchmarks/results/<cpu-device>/models_bench_<router>_run<i>.json``: every process's full results.
+  min and max; ids ``model.resnet18_cifar.cpu.b<B>.deployed_vs_dense.<router>`` for contiguous and
+  ``...<router>.channels_last`` for channels_last;
+- ``benchmarks/results/<cpu-device>/models_bench_<router>[_channels_last]_run<i>.json``: every process's full
+  results.
 
 Routers of the untrained models are calibrated to a balanced split on the benchmark's probe images
 (``balance_router`` / ``balance_per_layer_routers``: each router's bias is set so its input splits 50/50);
@@ -15,7 +18,7 @@ the split measured on the timed inputs is in the run files.
 Usage (repo root)::
 
     python benchmarks/cpu_claims.py                 # ~10-20 min on a quiet 2-core machine
-    python benchmarks/cpu_claims.py --runs 3 --budget 20 --device-name cpu-2core
+    python benchmarks/cpu_claims.py --runs 3 --budget 10 --device-name cpu-2core --layouts contiguous
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ from pathlib import Path
 TARGETS = {64: 0.40, 1: 0.50}
 
 
+def _key(router: str, layout: str) -> str:
+    """The run files' name part: the router kind, with "_channels_last" for that layout."""
+    return router if layout == "contiguous" else f"{router}_channels_last"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", type=int, default=3, help="separate processes per router kind (default 3)")
@@ -39,20 +47,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device-name", default=None, help="results folder name (default: the bench's device slug)")
     p.add_argument("--routers", nargs="+", default=["research", "per_layer"], choices=["research", "per_layer"])
     p.add_argument(
+        "--layouts",
+        nargs="+",
+        default=["contiguous", "channels_last"],
+        choices=["contiguous", "channels_last"],
+        help="memory formats to measure, every side in the same one (default both)",
+    )
+    p.add_argument(
         "--aggregate-only", action="store_true", help="run nothing: rebuild claims.json from the stored run files"
     )
     args = p.parse_args(argv)
     root = Path(__file__).resolve().parent.parent
     runs: dict[str, list[dict]] = {}
+    kinds = {_key(router, layout): (router, layout) for router in args.routers for layout in args.layouts}
     if args.aggregate_only:
         folder = root / "benchmarks" / "results" / (args.device_name or "")
-        for router in args.routers:
-            files = sorted(folder.glob(f"models_bench_{router}_run*.json"))
+        for key in kinds:
+            files = sorted(folder.glob(f"models_bench_{key}_run*.json"))
             if files:
-                runs[router] = [json.loads(f.read_text()) for f in files]
+                runs[key] = [json.loads(f.read_text()) for f in files]
         if not runs:
             p.error(f"no models_bench_<router>_run*.json in {folder} (pass --device-name)")
-    for router in [] if args.aggregate_only else args.routers:
+    for key, (router, layout) in [] if args.aggregate_only else kinds.items():
         for i in range(args.runs):
             with tempfile.TemporaryDirectory() as tmp:
                 cmd = [
@@ -76,23 +92,26 @@ def main(argv: list[str] | None = None) -> int:
                     "deployed",
                     "ideal",
                     "router",
+                    "--layout",
+                    layout,
                     "--out",
                     tmp,
                     "--no-plot",
                 ]
-                print(f"[{router} run {i + 1}/{args.runs}] {' '.join(cmd[1:])}", flush=True)
+                print(f"[{key} run {i + 1}/{args.runs}] {' '.join(cmd[1:])}", flush=True)
                 subprocess.run(cmd, cwd=root, check=True, stdout=subprocess.DEVNULL)
-                runs.setdefault(router, []).append(json.loads((Path(tmp) / "models_bench.json").read_text()))
+                runs.setdefault(key, []).append(json.loads((Path(tmp) / "models_bench.json").read_text()))
     first = next(iter(runs.values()))[0]
     commits = {r["provenance"]["commit"] for rs in runs.values() for r in rs}
     device = args.device_name or first["device_slug"]
     out = root / "benchmarks" / "results" / device
     out.mkdir(parents=True, exist_ok=True)
     claims = []
-    for router, results in runs.items():
+    for key, results in runs.items():
+        router, layout = results[0]["settings"]["router"], results[0]["settings"].get("layout", "contiguous")
         for i, r in enumerate(results):
             if not args.aggregate_only:
-                (out / f"models_bench_{router}_run{i}.json").write_text(json.dumps(r, indent=1) + "\n")
+                (out / f"models_bench_{key}_run{i}.json").write_text(json.dumps(r, indent=1) + "\n")
         for batch, target in TARGETS.items():
             ratios = [
                 row["vs_dense"]
@@ -103,14 +122,16 @@ def main(argv: list[str] | None = None) -> int:
             modes = sorted({r["models"][0]["deploy_mode"] for r in results})
             claims.append(
                 {
-                    "id": f"model.resnet18_cifar.cpu.b{batch}.deployed_vs_dense.{router}",
+                    "id": f"model.resnet18_cifar.cpu.b{batch}.deployed_vs_dense.{router}"
+                    + (".channels_last" if layout == "channels_last" else ""),
+                    "layout": layout,
                     "value": statistics.median(ratios),
                     "target": target,
                     "min": min(ratios),
                     "max": max(ratios),
                     "runs": len(ratios),
                     "met": statistics.median(ratios) <= target,
-                    "source": f"benchmarks/results/{device}/models_bench_{router}_run*.json (deployed modes {modes}; "
+                    "source": f"benchmarks/results/{device}/models_bench_{key}_run*.json (deployed modes {modes}; "
                     f"{args.threads} threads; median of per-process medians over {len(ratios)} processes)",
                 }
             )

@@ -1,5 +1,5 @@
 """Convolution geometry shared by the op, its fake kernel and every backend: output size, output memory
-format and the gradients a backward call must produce."""
+format, the row gather that keeps that format, and the gradients a backward call must produce."""
 
 from __future__ import annotations
 
@@ -26,6 +26,18 @@ def output_memory_format(x: torch.Tensor) -> torch.memory_format:
     contiguous, as with one channel or 1x1 images), else contiguous."""
     channels_last = x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last)
     return torch.channels_last if channels_last and not x.is_contiguous() else torch.contiguous_format
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(0, index)`` in x's memory format: (B, C, H, W) -> (len(index), C, H, W).
+
+    ``index_select`` returns a plain contiguous tensor, so a channels_last batch would come back NCHW and the
+    next convolution would convert it back (two copies of the batch); gathering the (B, H, W, C) view keeps
+    channels_last in one copy.
+    """
+    if output_memory_format(x) is torch.channels_last:
+        return x.permute(0, 2, 3, 1).index_select(0, index).permute(0, 3, 1, 2)
+    return x.index_select(0, index)
 
 
 def needed_grads(

@@ -140,10 +140,21 @@ def per_layer_share(model: nn.Module, x: torch.Tensor) -> list[float] | None:
     return [min(shares), sum(shares) / len(shares), max(shares)] if shares else None
 
 
-def inference_treatment(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """The treatment every benchmarked model gets: eval, device and dtype, channels_last on GPU."""
+LAYOUTS = ("contiguous", "channels_last")
+
+
+def default_layout(device: torch.device) -> str:
+    """channels_last on GPU, contiguous on CPU."""
+    return "channels_last" if device.type == "cuda" else "contiguous"
+
+
+def inference_treatment(
+    model: nn.Module, device: torch.device, dtype: torch.dtype, layout: str | None = None
+) -> nn.Module:
+    """The treatment every benchmarked model gets: eval, device and dtype, the layout (default: channels_last
+    on GPU, contiguous on CPU)."""
     model = model.to(device=device, dtype=dtype).eval()
-    if device.type == "cuda":
+    if (layout or default_layout(device)) == "channels_last":
         model = model.to(memory_format=torch.channels_last)
     return model
 
@@ -158,6 +169,7 @@ def build_variants(
     router: str = "research",
     variants: Sequence[str] | None = None,
     auto_batch: int = 64,
+    layout: str | None = None,
 ) -> tuple[dict[str, nn.Module], nn.Module]:
     """The models compared for one architecture, on ``device`` in ``dtype``, in eval mode, like for like.
 
@@ -174,6 +186,8 @@ def build_variants(
             not), ideal, router).
         auto_batch: the batch size at which the ``deployed`` (auto) row picks its form (``to_sparse``);
             ``run_benchmark`` passes its largest batch.
+        layout: "contiguous" or "channels_last" for every variant (default: channels_last on GPU, contiguous
+            on CPU).
 
     Returns:
         (name -> module, the MoE model).
@@ -233,7 +247,7 @@ def build_variants(
     if wanted("router") and folded_router is not None:
         out["router"] = RouterOnly(moe, router=folded_router)
     for k in list(out):
-        out[k] = inference_treatment(out[k], device, dtype)
+        out[k] = inference_treatment(out[k], device, dtype, layout)
     return out, moe
 
 
@@ -392,6 +406,7 @@ def run_benchmark(
     router: str = "research",
     variants: Sequence[str] | None = None,
     execution: str = "eager",
+    layout: str | None = None,
     command: str | None = None,
 ) -> dict[str, Any]:
     """Runs the model benchmark and returns the results (the dict written to ``models_bench.json``).
@@ -415,6 +430,8 @@ def run_benchmark(
         execution: "eager" (every variant), "graph" (GPU: every variant captured as a CUDA graph per batch
             size with ``advmoe.deploy.CapturedModel``; variants that cannot be captured are recorded as
             skipped) or "compile" (``torch.compile(mode="reduce-overhead")`` on every variant).
+        layout: memory format of every variant and input, "contiguous" or "channels_last" (default:
+            channels_last on GPU, contiguous on CPU).
         command: the command line to record (default: ``sys.argv``).
 
     Returns:
@@ -438,6 +455,9 @@ def run_benchmark(
     use_backends = _backends_for(device, backends)
     if execution not in EXECUTIONS or (execution == "graph" and device.type != "cuda"):
         raise ValueError(f"execution must be one of {EXECUTIONS} ('graph' needs a CUDA device), got {execution!r}")
+    layout = layout or default_layout(device)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     results: dict[str, Any] = {
@@ -452,7 +472,8 @@ def run_benchmark(
             "top_k": 1,
             "router": router,
             "execution": execution,
-            "treatment": TREATMENT + ("; channels_last" if device.type == "cuda" else ""),
+            "treatment": TREATMENT + f"; {layout} on every side",
+            "layout": layout,
             "warmup": warmup,
             "repeats": repeats or "auto",
             "budget_s": budget_s,
@@ -468,7 +489,16 @@ def run_benchmark(
     for name in models:
         size = image_size(name) if not quick else 32
         variants, moe = build_variants(
-            name, ratio, num_experts, device, dtype, use_backends, router, variants_wanted, auto_batch=max(batches)
+            name,
+            ratio,
+            num_experts,
+            device,
+            dtype,
+            use_backends,
+            router,
+            variants_wanted,
+            auto_batch=max(batches),
+            layout=layout,
         )
         x1 = torch.rand(1, moe.config["in_channels"], size, size, device=device, dtype=dtype)
         flops, unpriced = {}, {}
@@ -495,7 +525,7 @@ def run_benchmark(
             x = torch.rand(batch, moe.config["in_channels"], size, size, device=device, dtype=dtype)
             share = _routing_share(moe, x) if router == "research" else per_layer_share(moe, x)
             entry["routing_share"][str(batch)] = share
-            if device.type == "cuda":
+            if layout == "channels_last":
                 x = x.contiguous(memory_format=torch.channels_last)
             fns, skipped = execution_fns(variants, x, execution)
             entry["skipped"].update({f"{k}@B={batch}": v for k, v in skipped.items()})

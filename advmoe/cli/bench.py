@@ -48,6 +48,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=("eager", "graph", "compile"),
         help="every variant eager (default), CUDA-graph captured (GPU), torch.compile reduce-overhead",
     )
+    p.add_argument(
+        "--layout",
+        choices=("contiguous", "channels_last"),
+        help="memory format of every variant and input (default: channels_last on GPU, contiguous on CPU)",
+    )
     p.add_argument("--out", help="output folder (default benchmarks/results/<device-slug>)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
 
@@ -77,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         router=args.router,
         variants=args.variants,
         execution=args.execution,
+        layout=args.layout,
         command=command_line("bench", args),
     )
     out = args.out or str(Path("benchmarks") / "results" / results["device_slug"])

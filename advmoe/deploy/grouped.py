@@ -18,6 +18,7 @@ from torch import nn
 from advmoe.deploy.layers import GroupRanges
 from advmoe.deploy.routed_once import RoutedOnce
 from advmoe.nn import Router
+from moe_kernels.geometry import gather_rows
 
 
 class GroupedMoE(RoutedOnce):
@@ -58,5 +59,5 @@ class GroupedMoE(RoutedOnce):
             return self.network(x)  # one expert has the whole batch (always so at B = 1): no permutation
         order = torch.argsort(choice, stable=True)
         self.groups.counts = counts
-        logits = self.network(x.index_select(0, order))
+        logits = self.network(gather_rows(x, order))
         return torch.empty_like(logits).index_copy_(0, order, logits)

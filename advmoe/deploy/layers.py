@@ -23,7 +23,7 @@ from torch import nn
 from advmoe.deploy.router_fold import FlatPerLayerRouter
 from advmoe.nn import SparseMoEConv2d
 from advmoe.nn.moe_conv import run_sparse_conv
-from moe_kernels.geometry import output_memory_format
+from moe_kernels.geometry import gather_rows, output_memory_format
 
 
 def _tracing() -> bool:
@@ -213,7 +213,7 @@ def _grouped_conv(layer: RoutedExpertConv2d, x: torch.Tensor, choice: torch.Tens
     if len(used) == 1:
         return layer._expert_conv(x, used[0])
     order = torch.argsort(choice, stable=True)
-    xs = x.index_select(0, order)
+    xs = gather_rows(x, order)
     out, start = None, 0
     for e, c in enumerate(counts):
         if c:

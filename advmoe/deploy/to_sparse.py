@@ -45,6 +45,7 @@ from advmoe.deploy.layers import (
 from advmoe.deploy.routed_once import RoutedOnce
 from advmoe.deploy.router_fold import FlatPerLayerRouter
 from advmoe.nn import PerLayerRouter, RoutedModel, Router, SparseMoEConv2d, moe_layers, num_pathways
+from moe_kernels.geometry import gather_rows
 
 MODES = ("auto", "pathway", "grouped", "layer")
 
@@ -75,7 +76,7 @@ class PathwayMoE(RoutedOnce):
             out = x.new_empty(x.shape[0], self.num_classes)
             for e, net in enumerate(self.pathways):
                 idx = (choice == e).nonzero().squeeze(1)
-                out.index_copy_(0, idx, net(x.index_select(0, idx)).to(out.dtype))
+                out.index_copy_(0, idx, net(gather_rows(x, idx)).to(out.dtype))
             return out
         if x.shape[0] == 1:
             return self.pathways[int(choice[0])](x)  # the chosen pathway only
@@ -83,7 +84,7 @@ class PathwayMoE(RoutedOnce):
         if x.shape[0] and max(counts) == x.shape[0]:
             return self.pathways[counts.index(x.shape[0])](x)
         order = torch.argsort(choice, stable=True)
-        xs = x.index_select(0, order)
+        xs = gather_rows(x, order)
         parts, start = [], 0
         for e, c in enumerate(counts):
             if c:

@@ -118,6 +118,42 @@ def test_per_layer_balance_and_like_for_like_variants():
     assert 0.45 <= mean <= 0.55 and low >= 0.3 and high <= 0.7  # calibrated on this very probe: near 50/50
 
 
+def test_bench_channels_last_layout_on_every_side():
+    from advmoe.bench.models import run_benchmark
+
+    results = run_benchmark(
+        models=["resnet10_mini"],
+        batches=[3],
+        repeats=1,
+        warmup=0,
+        progress=False,
+        router="per_layer",
+        variants=["dense", "deployed", "ideal"],
+        layout="channels_last",
+    )
+    assert results["settings"]["layout"] == "channels_last"
+    assert "channels_last on every side" in results["settings"]["treatment"]
+    assert {row["variant"] for row in results["models"][0]["latency"]} == {"dense", "deployed", "ideal"}
+    with pytest.raises(ValueError, match="layout"):
+        run_benchmark(models=["resnet10_mini"], batches=[1], repeats=1, progress=False, layout="nhwc")
+    from advmoe.bench.models import build_variants
+
+    for layout, want in (("channels_last", True), ("contiguous", False)):
+        variants, _ = build_variants(
+            "resnet10_mini",
+            0.5,
+            2,
+            torch.device("cpu"),
+            torch.float32,
+            ["reference"],
+            "per_layer",
+            ["dense"],
+            layout=layout,
+        )
+        convs = [m for m in variants["dense"].modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+        assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) == want for c in convs)
+
+
 def test_bench_rejects_unknown_backend_and_dtype(capsys):
     assert main(["bench", "--quick", "--backends", "nonexistent", "--out", "/tmp/unused"]) == 2
     assert "not available" in capsys.readouterr().err

@@ -159,3 +159,17 @@ def test_one_image_path_steps_aside_where_it_does_not_apply():
         made_here = copy.deepcopy(deployed)  # inference tensors: no version counter, so no cached plan
         assert _one_image_layers(made_here)[0]._one_image_plan() is None
         torch.testing.assert_close(made_here(x), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 4, 3), (6, 1, 4, 3), (6, 5, 1, 1)])
+def test_gather_rows_keeps_the_memory_format(shape):
+    from moe_kernels.geometry import gather_rows, output_memory_format
+
+    index = torch.tensor([4, 0, 4, 2])
+    for x in (torch.randn(shape), torch.randn(shape).contiguous(memory_format=torch.channels_last)):
+        rows = gather_rows(x, index)
+        assert torch.equal(rows, x.index_select(0, index))
+        assert output_memory_format(rows) is output_memory_format(x)
+    cl = torch.randn(6, 5, 4, 3).contiguous(memory_format=torch.channels_last)
+    assert gather_rows(cl, index).is_contiguous(memory_format=torch.channels_last)
+    assert not cl.index_select(0, index).is_contiguous(memory_format=torch.channels_last)  # why it exists
