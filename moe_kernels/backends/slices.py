@@ -5,8 +5,8 @@ For each expert with slots, the plan says (in ONE host read per plan, cached: ``
 where its run of sorted slots starts and ends, and whether those slots are consecutive samples with one
 slot position (a batch already grouped by expert, B = 1, or E = 1). Then the expert's input is the slice
 ``x[s0:s1]`` and its output is written straight into ``y[s0:s1, j*w:(j+1)*w]``: no gather, no scatter.
-Otherwise the expert's samples are gathered (``index_select``) and its output rows written with one
-``index_copy_``. The gate multiplies the expert's output on the way into the output (one pass).
+Otherwise the expert's samples are gathered (``gather_rows``: ``index_select`` that keeps channels_last) and
+its output rows written with one ``index_copy_``. The gate multiplies the expert's output on the way into the output (one pass).
 
 The one host read is what drives the per-expert library calls; with a shared plan it happens once per
 forward, not once per layer. The backward runs the same grouping (``aten.convolution_backward`` per expert;
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_kernels.call import ConvCall
-from moe_kernels.geometry import needed_grads, output_memory_format
+from moe_kernels.geometry import gather_rows, needed_grads, output_memory_format
 from moe_kernels.reference import expert_grads
 
 
@@ -48,7 +48,7 @@ def forward(call: ConvCall) -> torch.Tensor:
     for e, start, end, first_sample, slot in plan.host_groups():
         rows = slice(e * width, (e + 1) * width)
         n = end - start
-        x_e = x[first_sample : first_sample + n] if first_sample >= 0 else x.index_select(0, plan.sample[start:end])
+        x_e = x[first_sample : first_sample + n] if first_sample >= 0 else gather_rows(x, plan.sample[start:end])
         y_e = F.conv2d(
             x_e, weight[rows], None if bias is None else bias[rows], call.stride, call.padding, call.dilation
         )
@@ -91,8 +91,8 @@ def backward(
         else:
             if grad_slots is None:
                 grad_slots = grad_out.reshape(batch * top_k, width, *grad_out.shape[2:])
-            x_e = x.index_select(0, plan.sample[start:end])
-            g = grad_slots.index_select(0, flat_slots)
+            x_e = gather_rows(x, plan.sample[start:end])
+            g = gather_rows(grad_slots, flat_slots)
         gate_e = None if gate is None else gate.reshape(-1)[flat_slots].to(g.dtype)[:, None, None, None]
         gx, gw, gb, gate_dot = expert_grads(call, rows, g, x_e, gate_e, need_x, need_w, need_b, need_g)
         if need_w:
