@@ -112,7 +112,8 @@ class RoutedExpertConv2d(FusedMoEConv2d):
         Applies to a ``FlatPerLayerRouter`` with a tracked, eval-mode input norm. The plan holds the running
         mean, ``sqrt(running_var + eps)``, the head and every expert's weight and bias rows (views); it is
         rebuilt when any of its seven source tensors is replaced, changed in place (version counter) or moved
-        (data pointer). Tensors made under ``torch.inference_mode`` have no version counter: no plan then.
+        (data pointer), or the norm's eps changes. Tensors made under ``torch.inference_mode`` have no
+        version counter: no plan then.
         """
         router = self._modules.get("router")
         if type(router) is not FlatPerLayerRouter or self.frozen_expert_idx is not None or self.top_k != 1:
@@ -123,18 +124,22 @@ class RoutedExpertConv2d(FusedMoEConv2d):
         buffers = norm._buffers
         sources = (
             self._parameters["weight"],
-            self._parameters["bias"],
+            self._parameters.get("bias"),
             fc._parameters["weight"],
-            fc._parameters["bias"],
+            fc._parameters.get("bias"),
             buffers["running_mean"],
             buffers["running_var"],
             buffers["num_batches_tracked"],
         )
         cached = self.__dict__.get("_one_image_cache")
         try:
-            if cached is not None and all(
-                a is b and (a is None or (a._version == v and a.data_ptr() == p))
-                for a, b, (v, p) in zip(sources, cached[0], cached[1], strict=True)
+            if (
+                cached is not None
+                and cached[3] == norm.eps
+                and all(
+                    a is b and (a is None or (a._version == v and a.data_ptr() == p))
+                    for a, b, (v, p) in zip(sources, cached[0], cached[1], strict=True)
+                )
             ):
                 return cached[2]
         except RuntimeError:  # a copy made under inference_mode kept the cache: inference tensors
@@ -156,7 +161,7 @@ class RoutedExpertConv2d(FusedMoEConv2d):
                 [None if bias is None else bias[r] for r in rows],
             )
         stamp = [(0, 0) if t is None else (t._version, t.data_ptr()) for t in sources]
-        self.__dict__["_one_image_cache"] = (sources, stamp, plan)
+        self.__dict__["_one_image_cache"] = (sources, stamp, plan, norm.eps)
         return plan
 
     def forward(self, x: torch.Tensor, routing=None) -> torch.Tensor:

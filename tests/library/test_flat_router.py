@@ -133,6 +133,7 @@ def test_one_image_path_is_bit_identical_and_follows_weight_changes():
                 layer.weight.mul_(1.5)
                 layer.router.fc.bias.add_(torch.tensor([2.0, -2.0]))
                 layer.router.input_norm.running_var.mul_(4.0)
+                layer.router.input_norm.eps = 0.5
         assert torch.equal(deployed(x), general(x))
         for net in (deployed, general):  # replaced parameters
             for layer in _one_image_layers(net):
