@@ -6,7 +6,8 @@ where its run of sorted slots starts and ends, and whether those slots are conse
 slot position (a batch already grouped by expert, B = 1, or E = 1). Then the expert's input is the slice
 ``x[s0:s1]`` and its output is written straight into ``y[s0:s1, j*w:(j+1)*w]``: no gather, no scatter.
 Otherwise the expert's samples are gathered (``gather_rows``: ``index_select`` that keeps channels_last) and
-its output rows written with one ``index_copy_``. The gate multiplies the expert's output on the way into the output (one pass).
+its output rows written with one ``index_copy_``. The gate multiplies the expert's output on the way into
+the output (one pass).
 
 The one host read is what drives the per-expert library calls; with a shared plan it happens once per
 forward, not once per layer. The backward runs the same grouping (``aten.convolution_backward`` per expert;
