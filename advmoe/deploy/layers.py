@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advmoe.deploy.router_fold import FlatPerLayerRouter
+from advmoe.deploy.router_fold import FlatPerLayerRouter, flat_router_scores
 from advmoe.nn import SparseMoEConv2d
 from advmoe.nn.moe_conv import run_sparse_conv
 from moe_kernels.geometry import gather_rows, output_memory_format
@@ -146,14 +146,15 @@ class RoutedExpertConv2d(FusedMoEConv2d):
             return None
         if any(t is not None and t.is_inference() for t in sources):
             return None
-        weight, bias, fc_weight, fc_bias, mean, var, tracked = sources
+        weight, bias, fc_weight, fc_bias, _, var, _ = sources
+        tracked, mean, std = router._eval_statistics(var.dtype)
         plan = None
-        if int(tracked) != 0:
+        if tracked:
             w = self.expert_width
             rows = [slice(e * w, (e + 1) * w) for e in range(self.num_experts)]
             plan = _OneImagePlan(
                 mean,
-                torch.sqrt(var + norm.eps),
+                std,
                 norm.eps,
                 fc_weight,
                 fc_bias,
@@ -171,8 +172,7 @@ class RoutedExpertConv2d(FusedMoEConv2d):
             if plan is not None and x.dtype == plan.mean.dtype and x.shape[1] == plan.mean.shape[0]:
                 # The router's five operators on the same values as FlatPerLayerRouter (bit-identical scores),
                 # then the chosen expert's rows, without the module calls and checks of the general path.
-                z = (x.mean((2, 3)) - plan.mean) / plan.std
-                scores = F.linear(F.layer_norm(z, z.shape[1:], eps=plan.eps), plan.fc_weight, plan.fc_bias)
+                scores = flat_router_scores(x, plan.mean, plan.std, plan.eps, plan.fc_weight, plan.fc_bias)
                 e = int(scores.argmax())
                 y = F.conv2d(x, plan.weights[e], plan.biases[e], self.stride, self.padding, self.dilation)
                 return torch.relu_(y) if self.activation == "relu" else y

@@ -88,8 +88,25 @@ class FlatPerLayerRouter(PerLayerRouter):
         tracked, mean, std = self._eval_statistics(x.dtype)
         if not tracked:
             return super().forward(x)
-        z = (x.mean((2, 3)) - mean) / std
-        return F.linear(norm._per_image(z), self.fc.weight, self.fc.bias)
+        return flat_router_scores(x, mean, std, norm.eps, self.fc.weight, self.fc.bias)
+
+
+def flat_router_scores(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    eps: float,
+    fc_weight: torch.Tensor,
+    fc_bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """The eval-mode per-layer router in five operators: scores (B, E) for a feature map x (B, C, H, W).
+
+    Pool over H, W; standardise with the running ``mean`` (C,) and ``std`` = sqrt(running_var + eps) (C,);
+    the per-image ``layer_norm`` of ``RouterInputNorm._per_image``; the linear head (``fc_weight`` (E, C)).
+    The source ``PerLayerRouter`` does the same operations on the same values (bit-identical scores, tested).
+    """
+    z = (x.mean((2, 3)) - mean) / std
+    return F.linear(F.layer_norm(z, z.shape[1:], eps=eps), fc_weight, fc_bias)
 
 
 @torch.no_grad()
